@@ -1,0 +1,3 @@
+from fqtrun.cli import main
+
+main()

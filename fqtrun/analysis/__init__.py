@@ -1,0 +1,1 @@
+"""Analysis tools that need no trainer: BitOPs accounting, the precision range test."""

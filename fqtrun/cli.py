@@ -1,0 +1,84 @@
+"""`fqtrun <command> [hydra overrides]`: each command is its own Hydra app (conf/<command>.yaml)."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+CONF = Path(__file__).resolve().parent / "conf"
+
+COMMANDS = {
+    "train": ("fqtrun.commands.train", "train a model (default: MNIST-1D CNN, full precision; +quant=..., bits=...)"),
+    "variance": ("fqtrun.commands.variance", "gradient variance: sampling vs quantization, per layer, per quantizer and bits"),
+    "prt": ("fqtrun.commands.prt", "precision range test: find q_min for a cyclic precision schedule"),
+    "mask": ("fqtrun.commands.mask", "N:M / transposable mask quality, diversity, and dense -> N:M conversion"),
+    "intbn": ("fqtrun.commands.intbn", "integer-exact fixed-point BatchNorm of a trained quantized model"),
+    "report": ("fqtrun.commands.report", "tables and plots over run and sweep folders"),
+    "bench": ("fqtrun.commands.bench", "speed ratios: quantizers vs clone, FQT step vs fp32 / bf16"),
+}
+
+USAGE = """usage: fqtrun <command> [hydra overrides]    (fqtrun <command> --help for its settings)
+
+commands:
+{commands}
+
+examples:
+  fqtrun train +quant=qat bits=4
+  fqtrun train -m +quant=qat bits=4,6,8 seed=0,1,2"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        width = max(map(len, COMMANDS))
+        print(USAGE.format(commands="\n".join(f"  {n:<{width}}  {d}" for n, (_, d) in COMMANDS.items())))
+        return
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}: use one of {', '.join(COMMANDS)} (fqtrun --help)", file=sys.stderr)
+        sys.exit(2)
+    problem = check_group_choices(argv[1:]) or check_output_dir(argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    module = importlib.import_module(COMMANDS[name][0])
+    sys.argv = [f"fqtrun {name}", *argv[1:]]
+    module.main()
+
+
+def check_group_choices(overrides: list[str]) -> str | None:
+    """An unknown option of a config group (model=foo, +quant=bar), named with the valid ones.
+
+    Hydra would say so too, over a dozen lines; this says it in one.
+    """
+    for arg in overrides:
+        m = re.fullmatch(r"[+~]{0,2}([a-z_][a-z0-9_/]*)=(.*)", arg)
+        if not m or not (CONF / m.group(1)).is_dir():
+            continue
+        group, values = m.group(1), m.group(2)
+        valid = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+        for value in values.split(","):  # a multirun sweep lists options with commas
+            if value and value != "null" and value not in valid:
+                return f"{group}={value} is unknown: use one of {', '.join(valid)}"
+    return None
+
+
+def check_output_dir(overrides: list[str]) -> str | None:
+    """An output folder that cannot be written, found before Hydra tries to create it."""
+    wanted = [a.split("=", 1)[1] for a in overrides if re.match(r"hydra\.(run|sweep)\.dir=", a)]
+    for folder in wanted or ["."]:
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            where = f"output folder {folder}" if wanted else f"the current folder {Path.cwd()}"
+            return f"{where} cannot be written ({e.strerror}): pass hydra.run.dir=<a writable folder>"
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Hydra configs of fqtrun (a package so Hydra finds them in an installed fqtrun too)."""

@@ -1,0 +1,57 @@
+"""Typed schemas of the `model` config group; conf/model/<name>.yaml extends one of them.
+
+num_classes and input_shape are not settings: the trainer passes them from the DataBundle,
+hydra.utils.instantiate(cfg.model, num_classes=..., input_shape=...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class MlpConfig:
+    _target_: str = "fqtrun.models.mlp.MLP"
+    hidden: list[int] = field(default_factory=lambda: [100, 100])  # widths of the hidden layers
+
+
+@dataclass
+class Cnn1dConfig:
+    _target_: str = "fqtrun.models.cnn1d.CNN1D"
+    channels: int = 25  # the MNIST-1D paper's width
+
+
+@dataclass
+class TransformerConfig:
+    _target_: str = "fqtrun.models.transformer.Transformer"
+    dim: int = 64
+    depth: int = 2          # encoder blocks
+    heads: int = 4
+    mlp_ratio: float = 4.0  # MLP width / dim
+    patch: int = 4          # patch length (1-D) or side (images)
+
+
+@dataclass
+class ResNetCifarConfig:
+    _target_: str = "fqtrun.models.resnet_cifar.ResNetCifar"
+    depth: int = 20        # 6n+2
+    shortcut: str = "A"    # A: zero-pad (He et al. CIFAR), B: 1x1 conv projection
+    preact: bool = False   # pre-activation blocks (He et al. 2016b)
+
+
+@dataclass
+class TorchvisionConfig:
+    _target_: str = "fqtrun.models.torchvision_models.build"
+    arch: str = "resnet18"  # resnet18 | resnet50 | mobilenet_v2
+
+
+SCHEMAS = {"mlp": MlpConfig, "cnn1d": Cnn1dConfig, "transformer": TransformerConfig,
+           "resnet_cifar": ResNetCifarConfig, "torchvision": TorchvisionConfig}
+
+
+def register_configs(cs: ConfigStore) -> None:
+    """Store each schema as schema/model/<name>, which conf/model/<option>.yaml extends."""
+    for name, node in SCHEMAS.items():
+        cs.store(group="schema/model", name=name, node=node)

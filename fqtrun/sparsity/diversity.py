@@ -1,0 +1,117 @@
+"""Mask diversity: how many masks a sparsity constraint allows (spec sparsity.md, "Mask diversity").
+
+For T weights at sparsity s (fraction pruned):
+    unstructured      C(T, T s)
+    row-wise N:M      C(M, N)^(T/M)
+    transposable N:M  (number of valid M x M blocks)^(T/M^2)
+Values are exact Python ints; `log10` is given too because they overflow floats quickly.
+Convention: N is the number kept in every group of M (2:4 keeps 2 of every 4).
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from functools import lru_cache
+from numbers import Integral, Real
+
+KINDS = ("unstructured", "nm", "transposable")
+
+
+def check_nm(n: int, m: int) -> None:
+    """Raise a one-line ValueError unless n, m are ints with 1 <= n < m."""
+    for name, v in (("sparsity.n", n), ("sparsity.m", m)):
+        if isinstance(v, bool) or not isinstance(v, Integral):
+            raise ValueError(f"{name}={v!r} must be an int: N:M keeps N of every M weights, e.g. sparsity.n=2 sparsity.m=4")
+    if n < 1:
+        raise ValueError(f"sparsity.n={n} must be >= 1: N is the number kept in every group of M")
+    if n >= m:
+        raise ValueError(f"sparsity.n={n} must be < sparsity.m={m}: N is the number kept in every group of M")
+
+
+def count_transposable_blocks(n: int, m: int) -> int:
+    """Number of m x m 0/1 matrices with exactly n ones in every row and every column.
+
+    DP over rows; the state is the histogram of how many ones each column still needs
+    (columns are interchangeable, so only the histogram matters). 8x8 with n=4 takes
+    milliseconds instead of enumerating 1.2e11 matrices. 2x2,n=1 -> 2; 4x4,n=2 -> 90;
+    8x8,n=4 -> 116,963,796,250.
+    """
+    check_nm(n, m)
+    return _count_from(tuple([0] * n + [m]), m, n)
+
+
+@lru_cache(maxsize=None)
+def _count_from(hist: tuple[int, ...], rows_left: int, n: int) -> int:
+    # hist[k] = number of columns still needing k ones (k = 0..n).
+    if rows_left == 0:
+        return 1 if all(h == 0 for h in hist[1:]) else 0
+    total = 0
+    for take, ways in _row_choices(hist, n):
+        new = list(hist)
+        for k, a in enumerate(take):
+            if a:
+                new[k] -= a
+                new[k - 1] += a
+        total += ways * _count_from(tuple(new), rows_left - 1, n)
+    return total
+
+
+def _row_choices(hist: tuple[int, ...], n: int):
+    """Ways to put the n ones of one row: take[k] columns from the class needing k (k >= 1)."""
+
+    def rec(k: int, left: int):
+        if k == 0:
+            if left == 0:
+                yield [0] * (n + 1), 1
+            return
+        for a in range(min(left, hist[k]) + 1):
+            for take, ways in rec(k - 1, left - a):
+                take = list(take)
+                take[k] = a
+                yield take, ways * math.comb(hist[k], a)
+
+    yield from rec(n, n)
+
+
+def mask_diversity(kind: str, t: int, n: int, m: int) -> int:
+    """Exact number of masks of T weights allowed by `kind` at sparsity 1 - n/m.
+
+    kind: "unstructured" (C(T, T n/m) masks keeping the same number of weights),
+    "nm" (row-wise, T a multiple of M), "transposable" (T a multiple of M^2).
+    """
+    check_nm(n, m)
+    if isinstance(t, bool) or not isinstance(t, Integral) or t < 1:
+        raise ValueError(f"t={t!r} must be a positive int: the number of weights")
+    if kind == "unstructured":
+        kept = Fraction(t * n, m)
+        if kept.denominator != 1:
+            raise ValueError(f"t={t} times n/m={n}/{m} must be an integer number of kept weights")
+        return math.comb(t, int(kept))
+    if kind == "nm":
+        if t % m:
+            raise ValueError(f"t={t} must be a multiple of sparsity.m={m} for row-wise N:M diversity")
+        return math.comb(m, n) ** (t // m)
+    if kind == "transposable":
+        if t % (m * m):
+            raise ValueError(f"t={t} must be a multiple of sparsity.m^2={m * m} for transposable N:M diversity")
+        return count_transposable_blocks(n, m) ** (t // (m * m))
+    raise ValueError(f"kind={kind!r} must be one of {KINDS}")
+
+
+def log10(value: int | Real) -> float:
+    """log10 of a positive number; exact-int aware (math.log10 takes Python ints of any size)."""
+    return math.log10(value)
+
+
+def diversity_table(t: int = 64, sparsity_pairs=((1, 2), (2, 4), (4, 8))) -> list[dict]:
+    """Rows {name, value, log10} for unstructured and every N:M / N:M-T pair (the spec's T=64 table)."""
+    rows = []
+    n0, m0 = sparsity_pairs[0]
+    v = mask_diversity("unstructured", t, n0, m0)
+    rows.append({"name": "unstructured", "value": v, "log10": log10(v)})
+    for kind, suffix in (("nm", ""), ("transposable", "-T")):
+        for n, m in sparsity_pairs:
+            v = mask_diversity(kind, t, n, m)
+            rows.append({"name": f"{n}:{m}{suffix}", "value": v, "log10": log10(v)})
+    return rows

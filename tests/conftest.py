@@ -1,0 +1,39 @@
+"""Shared fixtures: compose real Hydra configs and run commands in-process on tiny data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from fqtrun.config import register_configs
+
+# One thread: the suite's tensors are tiny, and two threads on a shared 2-core machine contend badly.
+torch.set_num_threads(1)
+
+CONF = str(Path(__file__).resolve().parents[1] / "fqtrun" / "conf")
+register_configs()
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """One MNIST-1D cache for the whole session (generation takes about a second)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def compose_train(data_cache):
+    """compose_train(*overrides) -> the composed train config (fast defaults for tests)."""
+
+    def make(*overrides: str, config_name: str = "train"):
+        base = ["logger.wandb.mode=disabled", "logger.progress=none", f"dataset.cache_dir={data_cache}"]
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            return compose(config_name=config_name, overrides=base + list(overrides))
+
+    return make
+
+
+# A tiny, fast training run: 2 epochs of 4000/200 = 20 steps each on MNIST-1D.
+TINY = ["epochs=2", "batch_size=200", "logger.log_every=5", "optim.lr=0.01"]
