@@ -87,7 +87,10 @@ def thresholds(a: Fraction, b: Fraction, L: int) -> list[int]:
     """t_j = ceil((j - b) / a), j = 1..L, for a > 0: y(x) >= j iff x >= t_j."""
     if a <= 0:
         raise ValueError(f"a={a} must be > 0 here; mirror x -> -x for a < 0")
-    return [math.ceil((j - b) / a) for j in range(1, L + 1)]
+    a, b = Fraction(a), Fraction(b)
+    # (j - b) / a = (j bd - bn) ad / (bd an) with integers: ceil by integer division (Fractions are slow)
+    num0, step, den = -b.numerator * a.denominator, b.denominator * a.denominator, b.denominator * a.numerator
+    return [-((-(num0 + j * step)) // den) for j in range(1, L + 1)]
 
 
 def float_reference(x_int: torch.Tensor, a: Fraction, b: Fraction, L: int) -> torch.Tensor:
@@ -177,11 +180,15 @@ def optimal_fixed_point(
 
 
 def naive_fixed_point(
-    a: Fraction, b: Fraction, L: int, x_range: Range, max_shift: int = 62
+    a: Fraction, b: Fraction, L: int, x_range: Range, max_shift: int = 62, min_shift: int = 0
 ) -> tuple[int, int, int]:
-    """Baseline A = round(a 2^T), B = round(b 2^T) with the smallest T exact over x_range (T searched upward)."""
+    """Baseline A = round(a 2^T), B = round(b 2^T) with the smallest T exact over x_range (T searched upward).
+
+    min_shift: start of the search; the optimal shift over the same range is a valid start (nothing is
+    exact below it), which convert_bn_requant uses.
+    """
     _check_L(L)
-    for T in range(max_shift + 1):
+    for T in range(min_shift, max_shift + 1):
         A, B = _round_half_up(Fraction(a) * (1 << T)), _round_half_up(Fraction(b) * (1 << T))
         if verify(A, B, T, a, b, L, x_range):
             return A, B, T
@@ -299,9 +306,9 @@ def convert_bn_requant(
     a_list, b_list = bn_affine(gamma, beta, mean, var, eps, s_in, s_out, nearest, zero_out)
     params = [optimal_fixed_point(a, b, L, max_shift, x_range) for a, b in zip(a_list, b_list)]
     naive = []
-    for a, b in zip(a_list, b_list):
+    for a, b, (_, _, t_opt) in zip(a_list, b_list, params):
         try:
-            naive.append(naive_fixed_point(a, b, L, x_range)[2])
+            naive.append(naive_fixed_point(a, b, L, x_range, min_shift=t_opt)[2])
         except ValueError:
             naive.append(None)
     A, B, T = (list(col) for col in zip(*params))

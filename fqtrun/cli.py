@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     module = importlib.import_module(COMMANDS[name][0])
-    sys.argv = [f"fqtrun {name}", *argv[1:]]
+    args = getattr(module, "prepare_argv", list)(argv[1:])  # e.g. report: positional folders -> dirs=[...]
+    sys.argv = [f"fqtrun {name}", *args]
     module.main()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -19,15 +19,15 @@ from fqtrun.schedules import SCHEDULES, Staged, Static
 
 @dataclass
 class _ScheduleCommon:
-    eval_bits: Optional[int] = None  # forward bits at evaluation; null = max_bits (static: bits)
-    grad_min_bits: Optional[int] = None  # null: dx/dw keep quant.bits_dx/bits_dw (CPT: fixed)
-    grad_max_bits: Optional[int] = None  # one of the two set: static gradient bits at it
+    eval_bits: int | None = None  # forward bits at evaluation; null = max_bits (static: bits)
+    grad_min_bits: int | None = None  # null: dx/dw keep quant.bits_dx/bits_dw (CPT: fixed)
+    grad_max_bits: int | None = None  # one of the two set: static gradient bits at it
 
 
 @dataclass
 class StaticSchedule(_ScheduleCommon):
     kind: str = "static"
-    bits: Optional[int] = None  # null: leave quant.bits_w / quant.bits_a as they are
+    bits: int | None = None  # null: leave quant.bits_w / quant.bits_a as they are
 
 
 @dataclass

@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> dict:
         ("transposable 4:8 greedy", lambda: transposable_mask(w, 4, 8, "greedy"), args.reps, 1000.0),
     ]
     if not args.no_flow:
-        cases.append(("transposable 4:8 exact", lambda: transposable_mask(w, 4, 8, "exact"), args.flow_reps, None))
+        cases.append(
+            ("transposable 4:8 exact", lambda: transposable_mask(w, 4, 8, "exact"), args.flow_reps, None)
+        )
 
     rows = []
     for name, fn, reps, target in cases:
@@ -61,7 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         r["x_clone"] = r["median_ms"] / floor
 
-    print(f"mask search on a {args.size} x {args.size} fp32 weight, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"mask search on a {args.size} x {args.size} fp32 weight, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print(f"{'operation':<26}{'median ms':>12}{'x clone':>10}{'target ms':>11}")
     for r in rows:
         tgt = "" if r["target_ms"] is None else f"{r['target_ms']:.0f}"

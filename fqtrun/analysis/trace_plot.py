@@ -35,6 +35,9 @@ def _draw(ax, trace: dict[str, tuple[list[int], list[int]]], title: str) -> None
         steps, bits = trace[slot]
         # a small vertical offset keeps overlapping slots (w and a usually coincide) visible
         ax.step(steps, [b + 0.06 * i for b in bits], where="post", label=slot, linewidth=1.0)
+    values = [b for slot in trace for b in trace[slot][1]]
+    ax.set_ylim(min(values) - 0.5, max(values) + 0.7)
+    ax.set_yticks(range(min(values), max(values) + 1))
     ax.set_ylabel("bits")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right", ncol=4)

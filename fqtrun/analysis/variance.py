@@ -139,12 +139,12 @@ def buffers_and_params(model: nn.Module) -> Iterator[Tensor]:
 
 # ----- the measurement ------------------------------------------------------------------------
 def _sq_norms(diff: Sequence[Tensor], owners: list[str], layers: list[str]) -> Tensor:
-    """(layers,) float64: sum of squares of the tensors each layer owns."""
-    out = torch.zeros(len(layers), dtype=torch.float64)
+    """(layers,) float64 on the CPU: sum of squares of the tensors each layer owns (one host sync)."""
     index = {name: i for i, name in enumerate(layers)}
+    out = torch.zeros(len(layers), dtype=torch.float64, device=diff[0].device)
     for d, owner in zip(diff, owners):
-        out[index[owner]] += d.double().pow(2).sum().cpu()
-    return out
+        out[index[owner]] += d.double().pow(2).sum()
+    return out.cpu()
 
 
 def _grads(loss: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
@@ -205,7 +205,7 @@ def measure_variance(
     g_bar = [g / n for g in g_sum]
     # mean_b ||g_b - g_bar||^2 = mean_b ||g_b||^2 - ||g_bar||^2, accumulated in float64
     sampling = (sq_sum / n - _sq_norms(g_bar, owners, layers)).clamp(min=0)
-    per = lambda v: {name: float(v[i]) for i, name in enumerate(layers)}  # noqa: E731
+    per = lambda v: {name: float(v[i]) for i, name in enumerate(layers)}
     quant = {label: v / (n * k) for label, v in quant_sum.items()}
     return VarianceResult(
         layers=layers, sampling=float(sampling.sum()), sampling_per_layer=per(sampling),

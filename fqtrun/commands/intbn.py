@@ -176,7 +176,7 @@ def find_blocks(model: nn.Module) -> tuple[list[tuple[str, str, str, bool]], dic
         if reason is None and not (isinstance(consumer, QuantLayerMixin) and consumer.slots["a"] is not None
                                    and users[0].args[0] is out and calls[users[0].target] == 1):
             reason = "output is not only requantized by one quantized layer (feeds " + \
-                     ", ".join(str(u.target).rsplit(".", 1)[-1] for u in users) + ")"
+                     ", ".join(getattr(u.target, "__name__", str(u.target)) for u in users) + ")"
         if reason:
             kept[name] = reason
         else:

@@ -18,7 +18,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import hydra
 import torch
@@ -55,7 +55,7 @@ class PrtCommandConfig:
     dataset: Any = MISSING
     model: Any = MISSING
     optim: Any = MISSING
-    quant: Optional[QuantConfig] = None  # +quant=<recipe>: required
+    quant: QuantConfig | None = None  # +quant=<recipe>: required
     prt: PrtSettings = field(default_factory=PrtSettings)
     bits: int = 8  # feeds every quant.bits_* slot unless set: the gradients' fixed precision
     batch_size: int = 100
@@ -151,6 +151,7 @@ def plot_prt(res: PRTResult, out_png: Path) -> Path:
     colors = ["tab:green" if b == res.q_min else "tab:gray" for b in bits]
     right.bar(bits, [res.trace[b].delta for b in bits], color=colors)
     right.axhline(res.threshold, color="tab:red", linestyle="--", label=f"threshold {res.threshold:g}")
+    right.set_xticks(bits)
     right.set_xlabel("forward bits")
     right.set_ylabel(f"acc gain (last {res.window} - first {res.window})")
     right.set_title(f"q_min = {res.q_min}" if res.found else "no q_min found", fontsize=9)

@@ -15,6 +15,7 @@ from fqtrun.commands.common import (done_summary, hydra_choices, pick_device, ru
                                     task_overrides, write_json)
 from fqtrun.config import register_configs, validate_train
 from fqtrun.errors import CheckpointError
+from fqtrun.analysis.trace_plot import plot_bit_trace
 from fqtrun.quant.convert import ConversionReport, convert, used_bits
 from fqtrun.quant.layers import NoiseContext
 from fqtrun.quant.recipe import slot_factory
@@ -42,9 +43,14 @@ class BitsProbe(Hook):
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
+        self.last: dict[str, int] = {}
 
     def after_step(self, step: int) -> dict:
-        return {f"bits_{k}": v for k, v in used_bits(self.model).items() if v is not None}
+        self.last = {k: v for k, v in used_bits(self.model).items() if v is not None}
+        return {f"bits_{k}": v for k, v in self.last.items()}
+
+    def summary(self) -> dict:
+        return {"bits_used": self.last}  # the last training step's, not the evaluation's
 
 
 def build_model(cfg: DictConfig, bundle) -> torch.nn.Module:
@@ -67,7 +73,6 @@ HOOK_FACTORIES: tuple[str, ...] = (
     "fqtrun.analysis.variance:variance_hook",
     "fqtrun.training.precision:precision_hook",
     "fqtrun.training.precision:bitops_hook",
-    "fqtrun.training.precision:bit_trace_hook",
 )
 
 
@@ -198,16 +203,18 @@ def _train(cfg: DictConfig, out_dir: Path, dist: SingleProcess) -> dict:
         "model": model_name,
         "dataset": choices.get("dataset") or str(cfg.dataset._target_).rsplit(".", 2)[-2],
         "quant": quant_label(cfg),
-        "bits_used": {k: v for k, v in used_bits(model).items() if v is not None},
         "layers_quantized": report.converted if report else [],
         "layers_full_precision": report.kept if report else {},
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": str(device),
         "world_size": dist.world_size,
     }
+    summary["bits_used"] = {}
     for h in hooks:
         summary.update(h.summary())
     jsonl.close()
+    if dist.is_main and cfg.quant is not None and plot_bit_trace(out_dir / "metrics.jsonl", out_dir / "bit_trace.png"):
+        summary["bit_trace"] = str(out_dir / "bit_trace.png")
     if not dist.is_main:
         return summary
     write_json(out_dir / "summary.json", summary)

@@ -27,15 +27,20 @@ from omegaconf import MISSING, DictConfig
 from rich import box
 from rich.table import Table
 
-from fqtrun.analysis.variance import (VarianceResult, canonical_quantizer, fqt_slots, held_batches,
-                                      measure_variance)
+from fqtrun.analysis.variance import (
+    VarianceResult,
+    canonical_quantizer,
+    fqt_slots,
+    held_batches,
+    measure_variance,
+)
 from fqtrun.commands.common import hydra_choices, pick_device, run_reporting_errors, write_json
 from fqtrun.config import register_configs
 from fqtrun.errors import ConfigError
 from fqtrun.quant.convert import convert
 from fqtrun.quant.gradient import make_gradient_quantizer
-from fqtrun.quant.layers import NoiseContext
-from fqtrun.quant.quantizers import check_bits
+from fqtrun.quant.layers import NoiseContext, QuantLayerMixin
+from fqtrun.quant.quantizers import GRANULARITIES, check_bits
 from fqtrun.quant.recipe import DW_QUANTIZERS, QuantConfig, slot_factory
 from fqtrun.training.checkpoint import check_matches, load_checkpoint
 from fqtrun.training.loggers import make_console
@@ -90,6 +95,9 @@ def validate(v) -> list[str]:
             make_gradient_quantizer(v.dw_quantizer, v.dw_bits)
         except ValueError as e:
             raise ConfigError(f"variance.dw_bits={v.dw_bits}: {e}") from None
+    if v.weight_granularity not in GRANULARITIES:
+        raise ConfigError(f"variance.weight_granularity={v.weight_granularity!r} is unknown: use one of "
+                          f"{', '.join(GRANULARITIES)}")
     try:
         check_bits(v.forward_bits, "variance.forward_bits")
     except ValueError as e:
@@ -105,6 +113,20 @@ def checkpoint_path(value: str) -> Path:
     return path / "last.pt" if path.is_dir() else path
 
 
+def adopt_masks(model: torch.nn.Module, state: dict) -> None:
+    """A sparse run's checkpoint holds weight masks: put them on the layers, so the forward matches it."""
+    for key, value in state.items():
+        owner, _, leaf = key.rpartition(".")
+        if leaf != "weight_mask":
+            continue
+        try:
+            layer = model.get_submodule(owner)
+        except AttributeError:
+            continue  # check_matches names the mismatch
+        if isinstance(layer, QuantLayerMixin):
+            layer.weight_mask = torch.zeros_like(value)
+
+
 def build_model(cfg: DictConfig, bundle, noise: NoiseContext) -> tuple[torch.nn.Module, str]:
     """The model with a QAT forward at variance.forward_bits, weights from the checkpoint if given."""
     torch.manual_seed(cfg.seed)
@@ -117,6 +139,7 @@ def build_model(cfg: DictConfig, bundle, noise: NoiseContext) -> tuple[torch.nn.
     if cfg.checkpoint:
         path = checkpoint_path(cfg.checkpoint)
         ckpt = load_checkpoint(path)
+        adopt_masks(model, ckpt["model"])
         check_matches(ckpt, model, name, path)
         model.load_state_dict(ckpt["model"])
     return model, name
@@ -135,7 +158,7 @@ def run_variance(cfg: DictConfig, out_dir: Path) -> dict:
     model, model_name = build_model(cfg, bundle, noise)
     model.to(device)
     batches = held_batches(bundle.train, v.batch_size, v.batches, cfg.seed)
-    bits = [int(b) for b in v.bits]
+    bits = sorted({int(b) for b in v.bits})
     setups = {(q, b): fqt_slots(q, b, v.dw_quantizer, v.dw_bits) for q in names for b in bits}
     res = measure_variance(model, batches, setups, k=v.k, seed=cfg.seed)
 
@@ -221,7 +244,7 @@ def plot(path: Path, res: VarianceResult, names: list[str], bits: list[int], tit
     if res.sampling > 0:
         ax.axhline(res.sampling, color="black", linestyle="--", label="sampling variance")
     ax.set_yscale("log")
-    ax.set_xlabel("gradient bits (dX)")
+    ax.set_xlabel("bits of the dX gradient quantizer")
     ax.set_ylabel("variance of the gradient")
     ax.set_xticks(xs)
     ax.set_title(title, fontsize=9)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fqtrun.quant.backends import int8_forward
 from fqtrun.quant.functional import FQTConv, FQTLinear
 from fqtrun.quant.grid import mix_seed
 
@@ -45,7 +46,9 @@ class QuantLayerMixin:
         self.slots = {s: slots.get(s) for s in SLOTS}
         self.noise = noise
         self.index = index
-        self.backend = backend
+        self.backend = backend  # simulate | int8 | auto (fqtrun/quant/backends.py)
+        self.compile = False  # int8 backend: fuse the forward quantization with torch.compile
+        self.backend_used: dict[str, str] = {}  # what each GEMM ran in the last step (backends.backend_report)
         self.register_buffer("weight_mask", None)
         self._used: dict[str, int | None] = {s: None for s in SLOTS}
 
@@ -79,8 +82,19 @@ class QuantLayerMixin:
         self._used[slot] = None if q is None else q.bits
         if q is None:
             return g
+        return q(g, self.grad_seed(slot))
+
+    def grad_codes(self, slot: str, g: Tensor):
+        """Integer codes of g for an integer backend (gradient.GradCodes), the codes quantize_grad
+        dequantizes (same quantizer, same seed); None when the slot is full precision."""
+        q = self.slots[slot]
+        self._used[slot] = None if q is None else q.bits
+        return None if q is None else q.quantize(g, self.grad_seed(slot))
+
+    def grad_seed(self, slot: str) -> int:
+        """Stochastic-rounding seed of a gradient slot: a pure function of (seed, step, draw, layer, slot)."""
         n = self.noise
-        return q(g, mix_seed(n.seed, n.step, n.draw, self.index, _SLOT_ID[slot]))
+        return mix_seed(n.seed, n.step, n.draw, self.index, _SLOT_ID[slot])
 
     def used_bits(self) -> dict[str, int | None]:
         """Bits each slot used in the last forward/backward (None = full precision)."""
@@ -93,6 +107,10 @@ class QuantLayerMixin:
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
+        if self.backend != "simulate":
+            y = int8_forward(self, x)  # None: this layer cannot run int8 now, simulate below
+            if y is not None:
+                return y
         x_hat, w_hat = self.quantized_operands(x)
         if self.fully_quantized and torch.is_grad_enabled():
             return FQTLinear.apply(x_hat, w_hat, self.bias, self)
@@ -112,6 +130,10 @@ class _QuantConvMixin(QuantLayerMixin):
         return out[0] if input_grad else out[1]
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.backend != "simulate":
+            y = int8_forward(self, x)  # None: this layer cannot run int8 now, simulate below
+            if y is not None:
+                return y
         x_hat, w_hat = self.quantized_operands(x)
         if self.fully_quantized and torch.is_grad_enabled():
             return FQTConv.apply(x_hat, w_hat, self.bias, self)

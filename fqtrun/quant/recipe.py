@@ -14,11 +14,12 @@ from typing import Optional
 from omegaconf import II
 from torch import nn
 
+from fqtrun.quant import backends
 from fqtrun.quant.gradient import make_gradient_quantizer
 from fqtrun.quant.quantizers import RIDGE_FORMS, RIDGE_MAX_BITS, MinMaxQuantizer, RidgeQuantizer, check_bits
 
 DW_QUANTIZERS = ("per_tensor", "per_column")
-BACKENDS = ("simulate",)
+BACKENDS = backends.BACKENDS  # simulate | int8 | auto
 
 
 @dataclass
@@ -31,7 +32,10 @@ class QuantConfig:
     bits_dx: int = II("bits")
     bits_dw: int = II("bits")
     weight_granularity: str = "tensor"  # tensor | channel (per output channel)
-    backend: str = "simulate"  # simulate: fp32 GEMMs on dequantized values
+    # simulate: fp32 GEMMs on dequantized values; int8: the three GEMMs as int8 GEMMs on the codes (CPU),
+    # fp32 per GEMM where a slot cannot; auto: int8 for layers whose four slots all have <= 8 bits
+    backend: str = "simulate"
+    compile: bool = False  # fuse the quantizers with torch.compile (first use ~15-30 s, cached on disk)
     keep_first: bool = False  # keep the first quantizable layer in full precision
     keep_last: bool = False  # keep the last one (usually the classifier) in full precision
     exclude: list[str] = field(default_factory=list)  # fnmatch patterns of layer names kept fp
@@ -53,6 +57,7 @@ def validate(cfg: QuantConfig) -> None:
     validate_dequant(cfg)
     if cfg.backend not in BACKENDS:
         raise ValueError(f"quant.backend={cfg.backend!r} is unknown: use one of {', '.join(BACKENDS)}")
+    validate_backend(cfg)
     if cfg.grad is not None:
         check_bits(cfg.bits_dx, "quant.bits_dx")
         check_bits(cfg.bits_dw, "quant.bits_dw")
@@ -60,6 +65,20 @@ def validate(cfg: QuantConfig) -> None:
             raise ValueError(f"quant.grad_dw={cfg.grad_dw!r} is unknown: use one of {', '.join(DW_QUANTIZERS)}")
         _grad_quantizer(cfg.grad, cfg.bits_dx, "quant.bits_dx")
         _grad_quantizer(cfg.grad_dw, cfg.bits_dw, "quant.bits_dw")
+
+
+def validate_backend(cfg: QuantConfig) -> None:
+    """quant.backend=int8 refuses settings no int8 GEMM can run (auto falls back per layer instead)."""
+    if cfg.backend != "int8":
+        return
+    if cfg.dequant != "ste":
+        raise ValueError(f"quant.backend=int8 needs quant.dequant=ste (the {cfg.dequant} dequantizer has no integer "
+                         "grid): use quant.backend=auto or simulate")
+    slots = ("bits_w", "bits_a") + (("bits_dx", "bits_dw") if cfg.grad is not None else ())
+    for slot in slots:
+        if getattr(cfg, slot) > 8:
+            raise ValueError(f"quant.{slot}={getattr(cfg, slot)} does not fit int8 codes with quant.backend=int8: "
+                             "use <= 8 bits, or quant.backend=auto (int8 only where every slot has <= 8 bits)")
 
 
 def _grad_quantizer(name: str, bits: int, setting: str):
@@ -82,8 +101,8 @@ def slot_factory(cfg: QuantConfig):
         if cfg.grad is None:
             return None
         if slot == "dx":
-            return make_gradient_quantizer(cfg.grad, cfg.bits_dx)
-        return make_gradient_quantizer(cfg.grad_dw, cfg.bits_dw)
+            return make_gradient_quantizer(cfg.grad, cfg.bits_dx, compile=cfg.compile)
+        return make_gradient_quantizer(cfg.grad_dw, cfg.bits_dw, compile=cfg.compile)
 
     return make
 

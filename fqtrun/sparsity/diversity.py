@@ -12,21 +12,28 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache
 from numbers import Integral, Real
+
+from fqtrun.errors import ConfigError
 
 KINDS = ("unstructured", "nm", "transposable")
 
 
 def check_nm(n: int, m: int) -> None:
-    """Raise a one-line ValueError unless n, m are ints with 1 <= n < m."""
+    """Raise a one-line ConfigError (a ValueError) unless n, m are ints with 1 <= n < m."""
     for name, v in (("sparsity.n", n), ("sparsity.m", m)):
         if isinstance(v, bool) or not isinstance(v, Integral):
-            raise ValueError(f"{name}={v!r} must be an int: N:M keeps N of every M weights, e.g. sparsity.n=2 sparsity.m=4")
+            msg = (
+                f"{name}={v!r} must be an int: N:M keeps N of every M weights, e.g. sparsity.n=2 sparsity.m=4"
+            )
+            raise ConfigError(msg)
     if n < 1:
-        raise ValueError(f"sparsity.n={n} must be >= 1: N is the number kept in every group of M")
+        raise ConfigError(f"sparsity.n={n} must be >= 1: N is the number kept in every group of M")
     if n >= m:
-        raise ValueError(f"sparsity.n={n} must be < sparsity.m={m}: N is the number kept in every group of M")
+        raise ConfigError(
+            f"sparsity.n={n} must be < sparsity.m={m}: N is the number kept in every group of M"
+        )
 
 
 def count_transposable_blocks(n: int, m: int) -> int:
@@ -41,7 +48,7 @@ def count_transposable_blocks(n: int, m: int) -> int:
     return _count_from(tuple([0] * n + [m]), m, n)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _count_from(hist: tuple[int, ...], rows_left: int, n: int) -> int:
     # hist[k] = number of columns still needing k ones (k = 0..n).
     if rows_left == 0:
@@ -94,7 +101,9 @@ def mask_diversity(kind: str, t: int, n: int, m: int) -> int:
         return math.comb(m, n) ** (t // m)
     if kind == "transposable":
         if t % (m * m):
-            raise ValueError(f"t={t} must be a multiple of sparsity.m^2={m * m} for transposable N:M diversity")
+            raise ValueError(
+                f"t={t} must be a multiple of sparsity.m^2={m * m} for transposable N:M diversity"
+            )
         return count_transposable_blocks(n, m) ** (t // (m * m))
     raise ValueError(f"kind={kind!r} must be one of {KINDS}")
 

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy
 import torch
 
+from fqtrun.errors import ConfigError
 from fqtrun.sparsity.diversity import check_nm, count_transposable_blocks
 
 Tensor = torch.Tensor
@@ -64,7 +65,7 @@ def transposable_mask(w: Tensor, n: int, m: int, method: str = "exact") -> Tenso
     """
     check_nm(n, m)
     if method not in METHODS:
-        raise ValueError(f"sparsity.method={method!r} must be one of {METHODS}")
+        raise ConfigError(f"sparsity.method={method!r} must be one of {METHODS}")
     s, signed = _scores_2d(w, m, pad_rows=True)  # (out_pad, k * in_pad)
     rows, cols = s.shape
     r, c = rows // m, cols // m
@@ -73,7 +74,7 @@ def transposable_mask(w: Tensor, n: int, m: int, method: str = "exact") -> Tenso
     else:
         solve = greedy_blocks if method == "greedy" else flow_blocks
         blocks = _unfold(s, m)
-        flat = solve(blocks.abs() if signed else blocks, n).view(r * c, m * m)
+        flat = solve(blocks.abs_() if signed else blocks, n).view(r * c, m * m)
     return _crop(_fold(flat.view(r * c, m, m), c), w.shape, m)
 
 
@@ -87,7 +88,9 @@ def _scores_2d(w: Tensor, m: int, pad_rows: bool) -> tuple[Tensor, bool]:
     their small chunks, saving a pass over the weight); else they are |w| with padding.
     """
     if w.dim() < 2:
-        raise ValueError(f"weight of shape {tuple(w.shape)} must be at least 2-D (out, in, *kernel) to take an N:M mask")
+        raise ValueError(
+            f"weight of shape {tuple(w.shape)} must be at least 2-D (out, in, *kernel) to take an N:M mask"
+        )
     out, cin = w.shape[:2]
     k = math.prod(w.shape[2:])
     in_pad = -(-cin // m) * m
@@ -162,13 +165,15 @@ class _BlockRows:
 # ---------------------------------------------------------------- exact search by patterns
 
 
-@lru_cache(maxsize=None)
+@cache
 def transposable_patterns(n: int, m: int) -> Tensor:
     """All m x m 0/1 patterns with n ones per row and per column, as bool (P, m, m)."""
     check_nm(n, m)
     count = count_transposable_blocks(n, m)
     if count > 100 * MAX_PATTERNS:
-        raise ValueError(f"{n}:{m} has {count} transposable patterns, too many to list; use the flow solver or greedy")
+        raise ValueError(
+            f"{n}:{m} has {count} transposable patterns, too many to list; use the flow solver or greedy"
+        )
     row_sets = [sum(1 << j for j in c) for c in itertools.combinations(range(m), n)]
     found: list[list[int]] = []
 
@@ -189,12 +194,12 @@ def transposable_patterns(n: int, m: int) -> Tensor:
     return pats
 
 
-@lru_cache(maxsize=None)
+@cache
 def _block_tables(n: int, m: int):
     return _tables(transposable_patterns(n, m).reshape(-1, m * m), complement_valid=2 * n == m)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _row_tables(n: int, m: int):
     rows = torch.zeros(math.comb(m, n), m, dtype=torch.bool)
     for i, c in enumerate(itertools.combinations(range(m), n)):
@@ -216,7 +221,12 @@ def _tables(flat: Tensor, complement_valid: bool) -> tuple[Tensor, Tensor, int, 
     else:
         scored = table = flat
         score_mat = flat.float()
-    return score_mat.contiguous(), table.contiguous(), scored.shape[0], max(1, (scored.shape[0] - 1).bit_length())
+    return (
+        score_mat.contiguous(),
+        table.contiguous(),
+        scored.shape[0],
+        max(1, (scored.shape[0] - 1).bit_length()),
+    )
 
 
 def _best_patterns(x, tables, signed: bool) -> Tensor:
@@ -386,7 +396,7 @@ def _flow_chunk(score: Tensor, n: int) -> Tensor:
             cand = _pack_min(d_col.unsqueeze(0) + bwd, idx_j, 1, low)  # (m_i, b), pred col inside
             better_r = cand < d_row - tol
             d_row = torch.where(better_r, cand, d_row)
-            if not bool((better_c.any() | better_r.any())):
+            if not bool(better_c.any() | better_r.any()):
                 break
         else:
             raise RuntimeError("flow_blocks: Bellman-Ford did not converge (non-finite weights?)")

@@ -60,7 +60,9 @@ def mask_report(model: nn.Module, n: int, m: int, kind: str = "transposable") ->
                 "shape": list(w.shape),
                 "density": density,
                 "kept_vs_unstructured": kept / top if top > 0 else 1.0,
-                "greedy_vs_exact": (_kept(w, greedy) / kept if kept > 0 else 1.0) if greedy is not None else None,
+                "greedy_vs_exact": (_kept(w, greedy) / kept if kept > 0 else 1.0)
+                if greedy is not None
+                else None,
                 "mask_ms": 1e3 * t,
                 "greedy_ms": None if t_greedy is None else 1e3 * t_greedy,
             }

@@ -19,6 +19,7 @@ from numbers import Real
 import torch
 from torch import nn
 
+from fqtrun.errors import ConfigError
 from fqtrun.sparsity.diversity import check_nm
 from fqtrun.sparsity.masks import METHODS, nm_mask, transposable_mask
 
@@ -42,13 +43,15 @@ class SparsityHook:
     ):
         check_nm(n, m)
         if kind not in KINDS:
-            raise ValueError(f"sparsity.kind={kind!r} must be one of {KINDS}")
+            raise ConfigError(f"sparsity.kind={kind!r} must be one of {KINDS}")
         if method not in METHODS:
-            raise ValueError(f"sparsity.method={method!r} must be one of {METHODS}")
+            raise ConfigError(f"sparsity.method={method!r} must be one of {METHODS}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"sparsity.every={every!r} must be an int >= 1: steps between mask refreshes")
+            raise ConfigError(f"sparsity.every={every!r} must be an int >= 1: steps between mask refreshes")
         if isinstance(srste_decay, bool) or not isinstance(srste_decay, Real) or srste_decay < 0:
-            raise ValueError(f"sparsity.srste_decay={srste_decay!r} must be a number >= 0 (0 turns SR-STE off)")
+            raise ConfigError(
+                f"sparsity.srste_decay={srste_decay!r} must be a number >= 0 (0 turns SR-STE off)"
+            )
         self.kind, self.n, self.m, self.every, self.method = kind, n, m, every, method
         self.srste_decay = float(srste_decay)
         self.exclude = list(exclude)
@@ -73,7 +76,7 @@ class SparsityHook:
             if name != classifier and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
         ]
         if not self.names:
-            raise ValueError(
+            raise ConfigError(
                 f"sparsity: no layer can take a mask ({len(capable)} sparse-capable layers, classifier kept dense: "
                 f"{classifier!r}, exclude={self.exclude}); convert the model to quantized layers or relax sparsity.exclude"
             )
@@ -121,4 +124,8 @@ class SparsityHook:
 
 
 def _capable(mod: nn.Module) -> bool:
-    return isinstance(getattr(mod, "weight", None), nn.Parameter) and hasattr(mod, "weight_mask") and mod.weight.dim() >= 2
+    return (
+        isinstance(getattr(mod, "weight", None), nn.Parameter)
+        and hasattr(mod, "weight_mask")
+        and mod.weight.dim() >= 2
+    )

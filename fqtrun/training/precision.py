@@ -1,10 +1,9 @@
-"""Precision hooks: the schedule that sets each step's bits, BitOPs accounting, the bit-trace plot.
+"""Precision hooks: the schedule that sets each step's bits, and BitOPs accounting.
 
-Three hook factories for HOOK_FACTORIES in commands/train.py, each (cfg, model, bundle) -> Hook | None:
+Two hook factories for HOOK_FACTORIES in commands/train.py, each (cfg, model, bundle) -> Hook | None:
   precision_hook  sets slots w, a (and dx, dw if asked) from the schedule before every step's
                   forward, and the stated eval_bits around evaluation (spec/cpt.md).
   bitops_hook     every quantized run: cumulative GBitOPs from the bits the layers actually used.
-  bit_trace_hook  every quantized run under the CLI: bit_trace.png (bits per slot vs step) at the end.
 """
 
 from __future__ import annotations
@@ -121,12 +120,17 @@ def precision_hook(cfg, model: nn.Module, bundle) -> PrecisionSchedule | None:
 
 # ----- BitOPs --------------------------------------------------------------------------------
 def layer_bits(model: nn.Module, names) -> dict[str, tuple[int, int, int]]:
-    """(b_w, b_a, b_g) each layer used in the last step; b_g is the dx slot's bits; fp32 = 32."""
+    """(b_w, b_a, b_g) each layer used in the last step, read back from the layers; fp32 counts 32.
+
+    b_g is dY's bits as the dx slot used them; the first layer computes no input gradient (its
+    input needs none), so it reports its dw slot's bits instead. Layers kept fp count 32 for all.
+    """
     fp = FULL_PRECISION_BITS
     out = {name: (fp, fp, fp) for name in names}
     for name, layer in quant_layers(model):
         used = layer.used_bits()
-        out[name] = tuple(fp if used[s] is None else used[s] for s in ("w", "a", "dx"))
+        grad = used["dx"] if used["dx"] is not None else used["dw"]
+        out[name] = tuple(fp if b is None else b for b in (used["w"], used["a"], grad))
     return out
 
 
@@ -196,31 +200,3 @@ def bitops_hook(cfg, model: nn.Module, bundle) -> BitOpsCounter | None:
         macs = measure_macs(model, x)
     ref, label = _reference_bits(model, macs, plan)
     return BitOpsCounter(model, macs, len(x), len(bundle.train), cfg.batch_size, ref, label)
-
-
-# ----- bit-width trace plot ----------------------------------------------------------------------
-class BitTracePlot(Hook):
-    """Writes bit_trace.png (bits per slot vs step, from metrics.jsonl) into the run folder at the end."""
-
-    def __init__(self, out_dir: Path):
-        self.out_dir = Path(out_dir)
-
-    def summary(self) -> dict:
-        from fqtrun.analysis.trace_plot import plot_bit_trace
-
-        path = plot_bit_trace(self.out_dir / "metrics.jsonl", self.out_dir / "bit_trace.png")
-        return {"bit_trace": str(path)} if path is not None else {}
-
-
-def bit_trace_hook(cfg, model: nn.Module, bundle) -> BitTracePlot | None:
-    """For quantized runs under the CLI (the run folder is Hydra's output dir); None otherwise.
-
-    Callers of run_train outside Hydra plot with fqtrun.analysis.trace_plot.plot_bit_trace.
-    """
-    if cfg.quant is None:
-        return None
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return None
-    return BitTracePlot(Path(HydraConfig.get().runtime.output_dir))

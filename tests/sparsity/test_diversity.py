@@ -63,8 +63,13 @@ def test_exact_integers_and_large_log10():
 
 @pytest.mark.parametrize(
     "args,match",
-    [(("nm", 66, 2, 4), "multiple of sparsity.m"), (("transposable", 40, 2, 4), "sparsity.m\\^2"), (("bogus", 64, 2, 4), "kind"),
-     (("nm", 64, 4, 4), "sparsity.n"), (("unstructured", 0, 2, 4), "t=")],
+    [
+        (("nm", 66, 2, 4), "multiple of sparsity.m"),
+        (("transposable", 40, 2, 4), "sparsity.m\\^2"),
+        (("bogus", 64, 2, 4), "kind"),
+        (("nm", 64, 4, 4), "sparsity.n"),
+        (("unstructured", 0, 2, 4), "t="),
+    ],
 )
 def test_bad_arguments_raise(args, match):
     with pytest.raises(ValueError, match=match):

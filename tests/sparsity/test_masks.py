@@ -7,7 +7,13 @@ import pytest
 import torch
 from scipy.optimize import linprog
 
-from fqtrun.sparsity.masks import flow_blocks, greedy_blocks, nm_mask, transposable_mask, transposable_patterns
+from fqtrun.sparsity.masks import (
+    flow_blocks,
+    greedy_blocks,
+    nm_mask,
+    transposable_mask,
+    transposable_patterns,
+)
 
 
 def _gen(seed):
@@ -24,7 +30,9 @@ def _brute_patterns(n, m):
 def _lp_optimum(s, n):
     """max sum s*x s.t. n per row and column, 0 <= x <= 1 (LP relaxation, integral here)."""
     m = s.shape[0]
-    a_eq = [np.kron(np.eye(m)[i], np.ones(m)) for i in range(m)] + [np.kron(np.ones(m), np.eye(m)[j]) for j in range(m)]
+    a_eq = [np.kron(np.eye(m)[i], np.ones(m)) for i in range(m)] + [
+        np.kron(np.ones(m), np.eye(m)[j]) for j in range(m)
+    ]
     res = linprog(-s.ravel(), A_eq=np.array(a_eq), b_eq=np.full(2 * m, n), bounds=(0, 1), method="highs")
     assert res.status == 0
     return -res.fun
@@ -232,7 +240,9 @@ def test_greedy_ratio_on_gaussian_blocks():
         e, g = transposable_mask(w, n, m), transposable_mask(w, n, m, "greedy")
         a = _blocks(w.abs().double(), m)
         ratio = (a * _blocks(g, m)).sum((1, 2)) / (a * _blocks(e, m)).sum((1, 2))
-        print(f"greedy / exact kept |w| on Gaussian {m}x{m} blocks, {n}:{m}: mean {ratio.mean():.4f} min {ratio.min():.4f}")
+        print(
+            f"greedy / exact kept |w| on Gaussian {m}x{m} blocks, {n}:{m}: mean {ratio.mean():.4f} min {ratio.min():.4f}"
+        )
         assert (ratio >= 0.5).all()
         assert 0.9 < ratio.mean() < 1.0  # spec: about 0.98 in practice
 

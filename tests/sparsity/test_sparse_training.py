@@ -37,7 +37,9 @@ class MaskedConv2d(nn.Conv2d):
 
 def _mlp(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(MaskedLinear(16, 32), nn.ReLU(), MaskedLinear(32, 24), nn.ReLU(), MaskedLinear(24, 4))
+    return nn.Sequential(
+        MaskedLinear(16, 32), nn.ReLU(), MaskedLinear(32, 24), nn.ReLU(), MaskedLinear(24, 4)
+    )
 
 
 def _groups_ok(mask, n, m, kind):
@@ -48,7 +50,9 @@ def _groups_ok(mask, n, m, kind):
     return bool((b.sum(2) == n).all() and (b.sum(3) == n).all())
 
 
-@pytest.mark.parametrize("kind,n,m", [("nm", 2, 4), ("transposable", 2, 4), ("transposable", 4, 8), ("nm", 1, 4)])
+@pytest.mark.parametrize(
+    "kind,n,m", [("nm", 2, 4), ("transposable", 2, 4), ("transposable", 4, 8), ("nm", 1, 4)]
+)
 def test_density_stays_n_over_m_after_every_refresh(kind, n, m):
     # The reference never passed N on its 2:4 path, so masks went dense after the first refresh.
     model = _mlp()

@@ -1,0 +1,385 @@
+"""Compute backends of the quantized layers' three GEMMs (spec/fqt.md, spec/performance.md).
+
+simulate  fp32 GEMMs on dequantized (fake-quantized) operands: functional.FQTLinear / FQTConv.
+int8      the forward GEMM Y = X W^T, the input-gradient GEMM dX = Q(dY) W and the weight-gradient
+          GEMM dW = Q(dY)^T X run as torch._int_mm on the integer codes (int8 in, int32 accumulation),
+          scales applied outside. Convolutions run as the same GEMMs on im2col columns (F.unfold /
+          F.fold) when groups == 1 and the GEMM is big enough to win (MIN_CONV_GEMM), simulate
+          otherwise. A GEMM whose operands are not both on an affine grid of <= 8 bits, or whose
+          scales vary along its reduction (per-channel weights in dX), runs in fp32 on the
+          dequantized codes. `backend_report(model)` says what each layer ran in its last step.
+auto      int8 for a layer whose four slots all hold quantizers of <= 8 bits, simulate otherwise.
+
+Zero points (the choice made here): the min-max and covering grids are asymmetric, codes c in
+0..B with an integer zero z, and c - z spans up to -255..255 at 8 bits. The int8 operand is
+q = c - 128 (always in -128..127) with alpha = 128 - z, so c - z = q + alpha, and
+    (qa + alpha_a)(qb + alpha_b) = qa qb + alpha_a colsum(qb) + rowsum(qa) alpha_b + K alpha_a alpha_b,
+the exact integer GEMM of (c - z), in int32 (K <= MAX_K). With the scales applied outside, the
+outputs equal the simulate backend's whenever fp32 holds the simulate products exactly (integer
+sums below 2^24, power-of-two scales); otherwise they differ by fp32 rounding only. BHQ's
+transform stays outside the GEMM: T^-1 is applied to the dX GEMM's output (it acts on rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fqtrun.quant import fused, grid
+from fqtrun.quant.quantizers import MinMaxQuantizer
+
+Tensor = torch.Tensor
+
+BACKENDS = ("simulate", "int8", "auto")
+INT8_MAX_BITS = 8
+MAX_K = (2**31 - 1) // (255 * 255)  # longest reduction whose int32 sum of 8-bit code products cannot overflow
+MIN_CONV_GEMM = 32  # im2col int8 only when both C_in*k and C_out are at least this (smaller: fp32 wins)
+GEMMS = ("fwd", "dx", "dw")
+
+
+# ----------------------------------------------------------------------------------------------
+# integer operands and the integer GEMM
+
+
+@dataclass
+class IntOperand:
+    """A quantized matrix (R, C): value = (q + alpha) * scale, q int8 = code - 128, alpha = 128 - zero.
+
+    alpha (int32) and scale (float32) are (R, 1), (1, C) or (1, 1): constant along one dim at least.
+    """
+
+    q: Tensor
+    alpha: Tensor
+    scale: Tensor
+
+    def t(self) -> "IntOperand":
+        return IntOperand(self.q.t(), self.alpha.t(), self.scale.t())
+
+    def dequantize(self) -> Tensor:
+        """(code - zero) * scale in float32, the simulate backend's operand."""
+        return (self.q.float() + self.alpha) * self.scale
+
+
+def _alpha(zero: Tensor) -> Tensor:
+    return (fused.OFFSET - zero).to(torch.int32)
+
+
+def int_matmul(a: IntOperand, b: IntOperand) -> Tensor:
+    """float32 (M, N) = a @ b via one int8 GEMM with int32 accumulation plus zero-point corrections.
+
+    a's alpha/scale must be constant along K (shape (M, 1) or (1, 1)), b's along K too ((1, N) or (1, 1)).
+    """
+    k = a.q.shape[1]
+    if a.alpha.shape[-1] != 1 or b.alpha.shape[0] != 1:
+        raise ValueError("int_matmul: the scales of an operand vary along the reduction: use the fp32 path")
+    acc = torch._int_mm(a.q, b.q)  # (M, N) int32, exact
+    row_a = a.q.sum(1, keepdim=True, dtype=torch.int32)  # (M, 1)
+    col_b = b.q.sum(0, keepdim=True, dtype=torch.int32)  # (1, N)
+    acc.add_(a.alpha * (col_b + k * b.alpha))  # alpha_a colsum(qb) + K alpha_a alpha_b
+    acc.add_(row_a * b.alpha)  # rowsum(qa) alpha_b
+    return torch.mul(acc, a.scale).mul_(b.scale)
+
+
+def _int_gemm_ok(a: IntOperand, b: IntOperand) -> str | None:
+    """Why this product cannot run as an int8 GEMM here, or None."""
+    if a.q.device.type != "cpu":
+        return "int8 GEMM is wired for CPU only"  # GPU backends: not in this build
+    if a.q.shape[1] > MAX_K:
+        return f"reduction {a.q.shape[1]} > {MAX_K} could overflow int32"
+    if a.alpha.shape[-1] != 1:
+        return "left scales vary along the reduction"
+    if b.alpha.shape[0] != 1:
+        return "per-channel weight scales vary along the dX reduction"
+    return None
+
+
+def matmul(a: IntOperand, b: IntOperand, note: dict, gemm: str) -> Tensor:
+    """a @ b as an int8 GEMM when possible, else fp32 on the dequantized values; records which in note."""
+    why = _int_gemm_ok(a, b)
+    note[gemm] = "int8" if why is None else f"fp32 ({why})"
+    if why is None:
+        return int_matmul(a, b)
+    return a.dequantize() @ b.dequantize()
+
+
+# ----------------------------------------------------------------------------------------------
+# operands from the layer's slots
+
+
+def _int8_slot(q) -> str | None:
+    """Why a forward slot cannot feed an int8 GEMM, or None."""
+    if q is None:
+        return "full precision"
+    if type(q) is not MinMaxQuantizer:
+        return f"{type(q).__name__} has no affine integer grid"
+    if q.bits > INT8_MAX_BITS:
+        return f"{q.bits} bits > {INT8_MAX_BITS}"
+    return None
+
+
+def forward_operand(q: MinMaxQuantizer, x2: Tensor, per_row: bool, compile: bool) -> IntOperand:
+    """int8 operand of a 2-D forward tensor with the same codes as q.codes(x2).
+
+    per_row=True: one grid per row (weights per output channel); else one per tensor.
+    """
+    scale, zero = grid.minmax_grid(x2, q.bits, keep_dim=0 if per_row else None)
+    codes = fused.nearest_int8(x2, scale, zero, q.bits, compile=compile)
+    return IntOperand(codes, _alpha(zero), scale.float())
+
+
+def grad_operand(gc) -> IntOperand | None:
+    """int8 operand of gradient codes (gradient.GradCodes, uint8 codes), or None above 8 bits."""
+    if gc.codes.dtype != torch.uint8:
+        return None
+    q = torch.bitwise_xor(gc.codes, fused.OFFSET).view(torch.int8)  # c ^ 0x80 read as int8 = c - 128
+    return IntOperand(q, _alpha(gc.zero), gc.scale.float())
+
+
+def fp_operand(t: Tensor) -> IntOperand:
+    """A full-precision matrix posing as an operand (alpha 0, scale 1), for the fp32 fallbacks."""
+    one = torch.ones(1, 1, device=t.device)
+    return _FpOperand(t, torch.zeros(1, 1, dtype=torch.int32, device=t.device), one)
+
+
+class _FpOperand(IntOperand):
+    def t(self) -> "IntOperand":
+        return _FpOperand(self.q.t(), self.alpha, self.scale)
+
+    def dequantize(self) -> Tensor:
+        return self.q
+
+
+def _grad_matrix(layer, slot: str, g2: Tensor, need_row_grid: bool) -> tuple[IntOperand, object | None, str | None]:
+    """(operand of Q(g2), BHQ transform or None, why not int8 or None) for a backward GEMM.
+
+    The codes are the ones quantize_grad would use (same quantizer, same seed); None slot -> fp32 g2.
+    """
+    gc = layer.grad_codes(slot, g2)
+    if gc is None:
+        return fp_operand(g2), None, "dY full precision"
+    op = grad_operand(gc)
+    if op is None:
+        return fp_operand(gc.dequantize().float()), None, f"{gc.bits} bits > {INT8_MAX_BITS}"
+    grid_ok = op.alpha.shape[-1] == 1 if need_row_grid else op.alpha.shape[0] == 1
+    if gc.transform is not None and not need_row_grid:
+        return fp_operand(gc.dequantize().float()), None, "transform mixes rows along the dW reduction"
+    if not grid_ok:
+        return fp_operand(gc.dequantize().float()), None, "gradient scales vary along the reduction"
+    return op, gc.transform, None
+
+
+def _backward_gemm(layer, slot: str, g2: Tensor, other: IntOperand, note: dict, gemm: str) -> Tensor:
+    """dX = Q(g2) @ other (slot dx) or dW = Q(g2)^T @ other (slot dw), int8 where possible."""
+    op, transform, why = _grad_matrix(layer, slot, g2, need_row_grid=(slot == "dx"))
+    left = op if slot == "dx" else op.t()
+    if why is not None:
+        note[gemm] = f"fp32 ({why})"
+        return left.dequantize() @ other.dequantize()
+    out = matmul(left, other, note, gemm)
+    return transform.inverse(out) if transform is not None else out
+
+
+# ----------------------------------------------------------------------------------------------
+# planning: which layers run int8
+
+
+def layer_eligible(layer) -> str | None:
+    """Why this layer's forward GEMM cannot run int8 under its backend, or None."""
+    if layer.backend == "simulate":
+        return "backend=simulate"
+    if getattr(layer.slots["w"], "takes_mask", False):
+        return "weight quantizer fits against the dense weight"
+    for s in ("a", "w"):
+        why = _int8_slot(layer.slots[s])
+        if why:
+            return f"slot {s}: {why}"
+    if layer.backend == "auto":
+        for s in ("dx", "dw"):
+            q = layer.slots[s]
+            if q is None or q.bits > INT8_MAX_BITS:
+                return f"auto: slot {s} is {'full precision' if q is None else f'{q.bits} bits'}"
+    if isinstance(layer, torch.nn.modules.conv._ConvNd):
+        if layer.groups != 1 or isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+            return "conv: grouped or non-numeric padding"
+        k = layer.in_channels * int(torch.tensor(layer.kernel_size).prod())
+        if min(k, layer.out_channels) < MIN_CONV_GEMM:
+            return f"conv GEMM too small to win (C_in*k={k}, C_out={layer.out_channels} < {MIN_CONV_GEMM})"
+    return None
+
+
+def int8_forward(layer, x: Tensor) -> Tensor | None:
+    """The layer's output through the int8 backend, or None (the caller runs simulate)."""
+    why = layer_eligible(layer)
+    if why is not None:
+        layer.backend_used = {"fwd": f"simulate ({why})"}
+        return None
+    w = layer.masked_weight()
+    if isinstance(layer, torch.nn.Linear):
+        return Int8Linear.apply(x, w, layer.bias, layer)
+    return Int8Conv.apply(x, w, layer.bias, layer)
+
+
+def _activation_operand(layer, x2: Tensor, grid_of: Tensor | None = None) -> IntOperand:
+    """Slot a's per-tensor operand of x2; grid_of: the tensor whose grid to use (default x2)."""
+    qa = layer.slots["a"]
+    layer._used["a"] = qa.bits
+    scale, zero = grid.minmax_grid(x2 if grid_of is None else grid_of, qa.bits)
+    codes = fused.nearest_int8(x2, scale, zero, qa.bits, compile=getattr(layer, "compile", False))
+    return IntOperand(codes, _alpha(zero).view(1, 1), scale.float().view(1, 1))
+
+
+def _weight_operand(layer, w2: Tensor) -> IntOperand:
+    qw = layer.slots["w"]
+    layer._used["w"] = qw.bits
+    return forward_operand(qw, w2, per_row=qw.granularity == "channel", compile=getattr(layer, "compile", False))
+
+
+class Int8Linear(torch.autograd.Function):
+    """Y = X W^T + b with all three GEMMs on int8 codes; straight-through to x and w (as simulate)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None, layer) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        xo, wo = _activation_operand(layer, x2), _weight_operand(layer, w)
+        note: dict = {}
+        y = matmul(xo, wo.t(), note, "fwd")  # (N, out)
+        if bias is not None:
+            y.add_(bias)
+        layer.backend_used = note
+        ctx.ops, ctx.layer, ctx.x_shape, ctx.has_bias = (xo, wo), layer, x.shape, bias is not None
+        return y.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        xo, wo = ctx.ops
+        layer, note = ctx.layer, ctx.layer.backend_used
+        g2 = gy.reshape(-1, gy.shape[-1]).float()  # (N, out), one row per sample (or token)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _backward_gemm(layer, "dx", g2, wo, note, "dx").reshape(ctx.x_shape).to(gy.dtype)
+        if ctx.needs_input_grad[1]:
+            gw = _backward_gemm(layer, "dw", g2, xo, note, "dw").to(gy.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0).to(gy.dtype)
+        ctx.ops = None
+        return gx, gw, gb, None
+
+
+def _conv_geometry(layer, x: Tensor):
+    """Conv1d as a 2-D conv of height 1: (x4, kernel, stride, padding, dilation)."""
+    if x.dim() == 3:
+        one = lambda t, fill: (fill, t[0])  # noqa: E731
+        return (x.unsqueeze(2), one(layer.kernel_size, 1), one(layer.stride, 1), one(layer.padding, 0),
+                one(layer.dilation, 1))
+    return x, tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation)
+
+
+class Int8Conv(torch.autograd.Function):
+    """Conv1d/Conv2d (groups 1) as im2col GEMMs on int8 codes; same quantized rows as FQTConv."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None, layer) -> Tensor:
+        x4, k, s, p, d = _conv_geometry(layer, x)
+        b = x.shape[0]
+        cols = F.unfold(x4.float(), k, dilation=d, padding=p, stride=s)  # (B, C*k, L) zero-padded reals
+        n_pos = cols.shape[-1]
+        cols2 = cols.transpose(1, 2).reshape(b * n_pos, -1)  # (B*L, C*k), rows = output positions
+        # the activation grid is the one of x (padding zeros sit on it: every grid holds 0 exactly)
+        xo = _activation_operand(layer, cols2, grid_of=x)
+        wo = _weight_operand(layer, w.reshape(w.shape[0], -1))
+        note: dict = {}
+        y = matmul(xo, wo.t(), note, "fwd")  # (B*L, C_out)
+        if bias is not None:
+            y.add_(bias)
+        out_spatial = _out_spatial(x4.shape[2:], k, s, p, d)
+        y = y.view(b, *out_spatial, -1).movedim(-1, 1).reshape(b, -1, *(out_spatial if x.dim() == 4 else out_spatial[1:]))
+        layer.backend_used = note
+        ctx.ops, ctx.layer, ctx.geom = (xo, wo), layer, (x.shape, x4.shape[2:], k, s, p, d)
+        ctx.has_bias = bias is not None
+        return y.contiguous()
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        xo, wo = ctx.ops
+        layer, note = ctx.layer, ctx.layer.backend_used
+        x_shape, in_spatial, k, s, p, d = ctx.geom
+        b, c_out = gy.shape[0], gy.shape[1]
+        gy = gy.float()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            # dX quantizer: one row per sample over C_out*positions (as FQTConv)
+            op, transform, why = _grad_matrix(layer, "dx", gy.reshape(b, -1), need_row_grid=True)
+            rows = _sample_rows_to_positions(op, b, c_out)  # (B*L, C_out)
+            if why is not None:
+                note["dx"] = f"fp32 ({why})"
+                dcols = rows.dequantize() @ wo.dequantize()
+            else:
+                dcols = matmul(rows, wo, note, "dx")  # (B*L, C*k)
+            n_pos = dcols.shape[0] // b
+            gx = F.fold(dcols.view(b, n_pos, -1).transpose(1, 2), tuple(in_spatial), k, dilation=d, padding=p,
+                        stride=s)
+            gx = gx.reshape(b, -1)
+            if transform is not None:
+                gx = transform.inverse(gx)
+            gx = gx.reshape(x_shape)
+        if ctx.needs_input_grad[1]:
+            cols = gy.movedim(1, -1).reshape(-1, c_out)  # (B*L, C_out): dW quantizer, one column per channel
+            gw = _backward_gemm(layer, "dw", cols, xo, note, "dw").reshape(layer.weight.shape)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.sum(dim=[i for i in range(gy.dim()) if i != 1])
+        ctx.ops = None
+        return gx, gw, gb, None
+
+
+def _out_spatial(in_spatial, k, s, p, d) -> tuple[int, ...]:
+    return tuple((n + 2 * pi - di * (ki - 1) - 1) // si + 1 for n, ki, si, pi, di in zip(in_spatial, k, s, p, d))
+
+
+def _sample_rows_to_positions(op: IntOperand, b: int, c_out: int) -> IntOperand:
+    """(B, C_out*L) sample rows -> (B*L, C_out) position rows, each row keeping its sample's grid."""
+    n_pos = op.q.shape[1] // c_out
+    q = op.q.view(b, c_out, n_pos).transpose(1, 2).reshape(b * n_pos, c_out)
+
+    def per_pos(t: Tensor) -> Tensor:
+        return t.repeat_interleave(n_pos, dim=0) if t.shape[0] == b and b > 1 else t
+
+    if isinstance(op, _FpOperand):
+        return _FpOperand(q, op.alpha, op.scale)
+    return IntOperand(q, per_pos(op.alpha), per_pos(op.scale))
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration and reporting
+
+
+def apply_backend(model: torch.nn.Module, backend: str, compile: bool = False) -> None:
+    """Set the compute backend (simulate | int8 | auto) of every quantized layer; compile=True fuses
+    the int8 forward quantization with torch.compile (first use compiles, eager if that fails)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"quant.backend={backend!r} is unknown: use one of {', '.join(BACKENDS)}")
+    for m in model.modules():
+        if hasattr(m, "slots") and hasattr(m, "backend"):
+            m.backend = backend
+            m.compile = bool(compile)
+
+
+def backend_report(model: torch.nn.Module) -> dict[str, str]:
+    """Layer name -> what its GEMMs ran in the last step ("int8", "simulate (...)", or per GEMM)."""
+    out = {}
+    for name, m in model.named_modules():
+        if not (hasattr(m, "slots") and hasattr(m, "backend")):
+            continue
+        used = getattr(m, "backend_used", None)
+        if m.backend == "simulate":
+            out[name] = "simulate"
+        elif not used:
+            out[name] = f"{m.backend} (not run yet)"
+        elif set(used) == {"fwd"} and used["fwd"].startswith("simulate"):
+            out[name] = used["fwd"]
+        elif all(v == "int8" for v in used.values()):  # a GEMM not needed (input without grad) is absent
+            out[name] = "int8"
+        else:
+            out[name] = ", ".join(f"{g}={used[g]}" for g in GEMMS if g in used)
+    return out

@@ -1,0 +1,37 @@
+"""report.html: one static, self-contained page (the table, the PNGs embedded as base64, the skips)."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from fqtrun.report.tables import Row, cells, columns
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}
+table{border-collapse:collapse;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px}
+td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f3f3}
+img{max-width:100%;border:1px solid #eee;margin:0.5em 0}li{font-size:13px}"""
+
+
+def page(title: str, rows: list[Row], keys: list[str], common: dict[str, str], plots: list[Path],
+         notes: list[str], skipped: list[str]) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(c)}</th>" for c in columns(keys))
+    body = "".join("<tr>" + "".join(f'<td{" class=n" if i >= len(keys) else ""}>{e(c)}</td>'
+                                    for i, c in enumerate(cells(r, keys))) + "</tr>" for r in rows)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
+             f"<style>{STYLE}</style></head><body><h1>{e(title)}</h1>",
+             "<p>mean ± sample std over seeds; the seed and bookkeeping settings are not part of a group.</p>"]
+    if common:
+        parts.append("<p>shared settings: <code>" + e(" ".join(f"{k}={v}" for k, v in common.items())) + "</code></p>")
+    parts.append(f"<table><tr>{head}</tr>{body}</table>")
+    failed = [f for r in rows for f in r.failed]
+    for name, items in (("failed runs", failed), ("skipped", skipped), ("notes", notes)):
+        if items:
+            parts.append(f"<h2>{name}</h2><ul>" + "".join(f"<li>{e(i)}</li>" for i in items) + "</ul>")
+    for p in plots:
+        data = base64.b64encode(p.read_bytes()).decode("ascii")
+        parts.append(f"<h2>{e(p.stem.replace('_', ' '))}</h2><img alt='{e(p.name)}' src='data:image/png;base64,{data}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

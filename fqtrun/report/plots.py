@@ -1,0 +1,160 @@
+"""The report's PNG figures. Each function returns the file it wrote, or None and why it drew nothing.
+
+Figures use matplotlib's object API (Figure, no pyplot state), so reports can be made from
+worker processes and tests without a display.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from fqtrun.report.collect import Group, Run
+from fqtrun.report.tables import stat
+
+Result = tuple[Path | None, str]
+
+
+def _label(group: Group, keys: list[str], drop: str = "") -> str:
+    """The group's values of the settings that vary between groups (`keys`), less `drop`."""
+    return " ".join(f"{k}={v}" for k, v in group.key if k in keys and k != drop) or "(defaults)"
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def accuracy_vs_bits(groups: list[Group], keys: list[str], path: Path) -> Result:
+    """Final test accuracy (mean ± std over seeds) against the `bits` setting, one line per quantizer
+    recipe (the group's settings other than bits); full-precision groups as dashed reference lines."""
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    refs: list[tuple[str, float]] = []
+    for g in groups:
+        done = g.done
+        if not done:
+            continue
+        s = stat([r.summary.get("final_test_acc") for r in done])
+        if done[0].config.get("quant") is None:
+            refs.append((_label(g, keys), s.mean))
+        elif isinstance(bits := done[0].config.get("bits"), int):
+            series.setdefault(_label(g, keys, "bits"), []).append((bits, s.mean, 0.0 if math.isnan(s.std) else s.std))
+    if not series:
+        return None, "accuracy vs bits: no finished quantized runs (+quant=...)"
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for label, pts in series.items():
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                    label=label)
+    for label, acc in refs:
+        ax.axhline(acc, linestyle="--", color="gray", label=label)
+    ax.set(xlabel="bits (the `bits` setting)", ylabel="final test accuracy", title="accuracy vs bits")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=7)
+    return _save(fig, path), ""
+
+
+def accuracy_curves(groups: list[Group], keys: list[str], path: Path) -> Result:
+    """Test accuracy per epoch, mean over a group's seeds with a ±std band."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    drawn = 0
+    for g in groups:
+        per_run = [{r_["epoch"]: r_["acc"] for r_ in r.metrics if r_.get("split") == "test"
+                    and isinstance(r_.get("acc"), (int, float)) and "epoch" in r_} for r in g.done]
+        per_run = [c for c in per_run if c]
+        if not per_run:
+            continue
+        epochs = sorted(set.intersection(*(set(c) for c in per_run)))
+        if not epochs:
+            continue
+        stats = [stat([c[e] for c in per_run]) for e in epochs]
+        mean = [s.mean for s in stats]
+        std = [0.0 if math.isnan(s.std) else s.std for s in stats]
+        line, = ax.plot(epochs, mean, marker="." if len(epochs) < 30 else None,
+                        label=_label(g, keys))
+        ax.fill_between(epochs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                        color=line.get_color(), alpha=0.2)
+        drawn += 1
+    if not drawn:
+        return None, "test accuracy curves: no test records in any metrics.jsonl"
+    ax.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy (mean ± std over seeds)")
+    ax.legend(fontsize=7)
+    return _save(fig, path), ""
+
+
+def bit_traces(groups: list[Group], keys: list[str], path: Path) -> Result:
+    """The bits each quantizer slot used vs the step (train records' bits_*), first seed of each group."""
+    traces: dict[str, list[tuple[str, list, list]]] = {}
+    for g in groups:
+        if not g.done:
+            continue
+        recs = [r for r in g.done[0].metrics if r.get("split") == "train" and "step" in r]
+        for key in sorted({k for r in recs for k in r if k.startswith("bits_")}):
+            pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+            traces.setdefault(key, []).append((_label(g, keys), [p[0] for p in pts], [p[1] for p in pts]))
+    if not traces:
+        return None, "bit-width traces: no bits_* keys in the train records (full-precision runs)"
+    fig = Figure(figsize=(6, 2.2 * len(traces)))
+    for i, (key, lines) in enumerate(sorted(traces.items()), 1):
+        ax = fig.add_subplot(len(traces), 1, i)
+        for label, steps, bits in lines:
+            ax.plot(steps, bits, drawstyle="steps-post", marker="." if len(steps) <= 50 else None, label=label)
+        ax.set(ylabel=key.replace("_", " "), xlabel="step" if i == len(traces) else None)
+        ax.yaxis.get_major_locator().set_params(integer=True)
+    fig.axes[0].set_title("bit-width traces (first seed of each group)")
+    fig.axes[0].legend(fontsize=6)
+    return _save(fig, path), ""
+
+
+def gradient_variance(groups: list[Group], keys: list[str], runs: list[Run], path: Path) -> Result:
+    """Quantization variance vs bits per quantizer, sampling variance as the reference level: from
+    the training probe's var/quant, var/sampling records and from `fqtrun variance`'s variance.json."""
+    probe: dict[str, list[tuple[int, float]]] = {}
+    sampling: list[float] = []
+    for g in groups:
+        for r in g.done:
+            q = [x["var/quant"] for x in r.metrics if isinstance(x.get("var/quant"), (int, float))]
+            sampling += [x["var/sampling"] for x in r.metrics if isinstance(x.get("var/sampling"), (int, float))]
+            if q and isinstance(bits := r.config.get("bits"), int):
+                probe.setdefault(_label(g, keys, "bits"), []).append((bits, sum(q) / len(q)))
+    studies = [r for r in runs if r.variance and isinstance(r.variance.get("quantization"), dict)]
+    if not probe and not studies:
+        return None, "gradient variance: no var/quant records and no variance.json"
+    panels = ([("training probe (var/quant)", probe, sampling)] if probe else []) + [
+        (f"fqtrun variance: {r.path.name}", _study_series(r.variance), _study_sampling(r.variance)) for r in studies]
+    fig = Figure(figsize=(6, 3.6 * len(panels)))
+    for i, (title, series, samp) in enumerate(panels, 1):
+        ax = fig.add_subplot(len(panels), 1, i)
+        for label, pts in series.items():
+            by_bits: dict[int, list[float]] = {}
+            for b, v in pts:
+                by_bits.setdefault(b, []).append(v)
+            xs = sorted(by_bits)
+            ax.plot(xs, [sum(by_bits[b]) / len(by_bits[b]) for b in xs], marker="o", label=label)
+        if samp:
+            ax.axhline(sum(samp) / len(samp), linestyle="--", color="gray", label="sampling variance")
+        ax.set_yscale("log")
+        ax.set(xlabel="gradient bits", ylabel="variance", title=title)
+        ax.legend(fontsize=7)
+    return _save(fig, path), ""
+
+
+def _study_series(data: dict) -> dict[str, list[tuple[int, float]]]:
+    out = {}
+    for q, per_bits in data["quantization"].items():
+        pts = [(int(b), v["total"]) for b, v in per_bits.items()
+               if str(b).isdigit() and isinstance(v, dict) and isinstance(v.get("total"), (int, float))]
+        if pts:
+            out[q] = pts
+    return out
+
+
+def _study_sampling(data: dict) -> list[float]:
+    s = data.get("sampling")
+    total = s.get("total") if isinstance(s, dict) else None
+    return [total] if isinstance(total, (int, float)) else []

@@ -1,0 +1,54 @@
+"""fqtrun bench in quick mode: runs end to end, writes bench.json with every figure (timings are not asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from fqtrun.commands.bench import median_ratios, run_bench
+from fqtrun.errors import ConfigError
+
+CONF = str(Path(__file__).resolve().parents[1] / "fqtrun" / "conf")
+
+
+def bench_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="bench", overrides=["bench.quick=true", *overrides])
+
+
+def test_median_ratios_pair_each_repetition_with_its_base():
+    times = {"base": [1.0, 2.0, 10.0], "x": [2.0, 4.0, 5.0]}
+    assert median_ratios(times, "x")["base"] == statistics.median([0.5, 0.5, 2.0])
+    assert median_ratios(times, "base") == {"base": 1.0, "x": 2.0}
+
+
+def test_quick_bench_writes_every_figure(tmp_path):
+    result = run_bench(bench_cfg("batch_size=24"), tmp_path)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["batch_size"] == 24 and len(saved["runs"]) == 1 == len(result["runs"])
+    run = saved["runs"][0]
+    assert run["threads"] == 1 and len(run["load"]) == 3
+    for name in ("clone", "per_tensor SR eager", "per_sample SR eager", "householder SR eager"):
+        assert run["quantizers"][name]["x_clone"] > 0
+    assert run["quantizers"]["householder SR eager"]["x_psq"] > 0
+    for part in ("linear", "cnn"):
+        steps = run[part]["steps"]
+        for recipe in ("fp32", "bf16 autocast", "FQT simulate", "FQT int8"):
+            assert steps[recipe]["x_fp32"] > 0
+        assert steps["fp32"]["x_fp32"] == 1.0
+        assert steps["FQT int8"]["speedup_vs_bf16"] > 0
+        if importlib.util.find_spec("torchao") is None:
+            assert steps["torchao int8 mixed precision"] == {"status": "not installed"}
+    # the MLP's Linears all run their GEMMs as int8; the report names every quantized layer
+    assert run["linear"]["int8_layers"] == {"body.0": "int8", "body.2": "int8", "head": "int8"}
+    assert run["cnn"]["int8_layers"]["features.0"].startswith("simulate (conv GEMM too small")
+
+
+def test_bench_refuses_bad_settings(tmp_path):
+    with pytest.raises(ConfigError, match="bench.reps=0 must be >= 1"):
+        run_bench(bench_cfg("bench.reps=0", "bench.quick=false"), tmp_path)

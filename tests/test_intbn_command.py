@@ -1,0 +1,114 @@
+"""fqtrun intbn end to end: a quantized ResNet-20 on digits, integer BN bit-exact (spec/denoise_bn.md B)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from fqtrun.bn_int import ExactBNRequant, bn_affine
+from fqtrun.commands.intbn import (Accumulator, IntbnConfig, StaticQuantizer, calibrate, find_blocks,
+                                   load_run, run_intbn)
+from fqtrun.commands.train import run_train
+from fqtrun.errors import FqtrunError
+from fqtrun.quant.convert import quant_layers
+from fqtrun.training.checkpoint import save_checkpoint
+
+
+def _train_run(compose_train, folder: Path, *overrides: str) -> Path:
+    """A run folder like `fqtrun train` leaves it: last.pt and .hydra/config.yaml."""
+    cfg = compose_train("epochs=1", "batch_size=100", "threads=1", *overrides)
+    run_train(cfg, folder)
+    (folder / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(cfg, folder / ".hydra" / "config.yaml", resolve=True)
+    return folder / "last.pt"
+
+
+def _intbn_cfg(checkpoint: Path, **kw):
+    return OmegaConf.structured(IntbnConfig(checkpoint=str(checkpoint), calib_samples=500, **kw))
+
+
+@pytest.fixture(scope="module")
+def resnet_ckpt(tmp_path_factory) -> Path:
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+
+    def make(*overrides):
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            return compose(config_name="train", overrides=["logger.wandb.mode=disabled", "logger.progress=none",
+                                                           *overrides])
+
+    return _train_run(make, tmp_path_factory.mktemp("rn20"), "model=resnet20", "dataset=digits", "+quant=qat",
+                      "bits=8")
+
+
+def test_integer_bn_is_bit_exact_and_accuracy_equal(resnet_ckpt, tmp_path):
+    s = run_intbn(_intbn_cfg(resnet_ckpt), tmp_path)
+    assert (tmp_path / "intbn.json").is_file()
+    assert s["converted"] == 9 and len(s["kept_float"]) == 10  # bn1 of every block; bn2 feeds a residual add
+    assert s["all_layers_exact"] and all(r["verified_exact"] for r in s["layers"])
+    assert all(r["code_mismatches"] == 0 and r["codes_compared"] > 0 for r in s["layers"])
+    assert s["predictions_equal"] and s["acc_integer_bn"] == s["acc_float_bn_requant"]
+    assert all(r["shift_max"] <= r["shift_naive_max"] for r in s["layers"] if r["shift_naive_max"] is not None)
+    # the exact reference path is a float BN: it agrees with torch's float32 BN on the static model
+    assert abs(s["acc_float_bn_requant"] - s["acc_static_float32_bn"]) <= 0.01
+
+
+def test_accumulator_and_reference_against_direct_float_math(resnet_ckpt):
+    """The integer accumulator times s_in is the float conv output; the exact op is floor(a x + b) by hand."""
+    _, _, model, bundle, _ = load_run(str(resnet_ckpt))
+    layer_name, bn_name, consumer, relu = find_blocks(model)[0][0]
+    ranges = calibrate(model, bundle.train, 200, 200)
+    for name, layer in quant_layers(model):
+        layer.slots["a"] = StaticQuantizer(8, *ranges[name])
+    layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
+    x = torch.stack([bundle.test[i][0] for i in range(8)])
+    h = torch.nn.functional.relu(model.bn1(model.conv1(x)))  # the input of stages.0.conv1
+    conv_out = layer(h)  # float32 fake-quant conv
+    acc = Accumulator(layer)(h)
+    s_in = float(layer.slots["a"].scale) * Accumulator(layer).s_w
+    torch.testing.assert_close(acc.double() * s_in, conv_out.double(), rtol=1e-5, atol=1e-5)
+    out_q = model.get_submodule(consumer).slots["a"]
+    a, b = bn_affine(bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var, bn.eps,
+                     s_in, float(out_q.scale))
+    y = ExactBNRequant(a, b, 255)(acc)
+    rng = random.Random(0)
+    for _ in range(300):
+        n, c, i, j = (rng.randrange(d) for d in acc.shape)
+        direct = min(max((a[c] * int(acc[n, c, i, j]) + b[c]).__floor__(), 0), 255)
+        assert int(y[n, c, i, j]) == direct
+    assert relu  # stages.0.conv1 -> bn1 -> relu -> conv2
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    with pytest.raises(FqtrunError) as e:
+        run_intbn(_intbn_cfg(tmp_path / "nope" / "last.pt"), tmp_path)
+    assert "does not exist" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_checkpoint_without_run_config_is_one_line(tmp_path):
+    save_checkpoint(tmp_path / "last.pt", {"model": {}, "model_name": "cnn1d"})
+    with pytest.raises(FqtrunError, match=r"\.hydra/config\.yaml does not exist") as e:
+        run_intbn(_intbn_cfg(tmp_path / "last.pt"), tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_model_without_bn_names_the_fix(compose_train, tmp_path):
+    cfg = compose_train("+quant=qat", "bits=8")  # MNIST-1D cnn1d: no BatchNorm
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml", resolve=True)
+    save_checkpoint(tmp_path / "last.pt", {"model": {}, "model_name": "cnn1d"})
+    with pytest.raises(FqtrunError, match="model=cnn1d has no BatchNorm.*model=resnet20 dataset=digits") as e:
+        run_intbn(_intbn_cfg(tmp_path / "last.pt"), tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_settings(resnet_ckpt, tmp_path):
+    with pytest.raises(FqtrunError, match="acc_range='x'"):
+        run_intbn(_intbn_cfg(resnet_ckpt, acc_range="x"), tmp_path)
+    with pytest.raises(FqtrunError, match="bits=12"):
+        run_intbn(_intbn_cfg(resnet_ckpt, bits=12), tmp_path)
