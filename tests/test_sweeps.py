@@ -26,7 +26,7 @@ def fqtrun(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess:
     """`fqtrun <args>` in a subprocess with tiny-run settings; output captured."""
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     return subprocess.run([FQTRUN, *args, *QUIET, f"dataset.cache_dir={cache}"], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          check=False, capture_output=True, text=True, timeout=300)
 
 
 def job_dirs(sweep: Path) -> list[Path]:

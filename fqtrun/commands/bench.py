@@ -17,9 +17,10 @@ import copy
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import hydra
 import torch
@@ -74,8 +75,9 @@ class BenchConfig:
 ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
 register_configs()
 
-QUICK = dict(reps=2, warmup=1, threads=[1], quant_elements=1 << 16, quant_rows=64, width=64, hidden=128, blocks=1,
-             features=64, cnn_channels=32, cnn_in_channels=4, cnn_length=32, cnn_batch=16, compile=False)
+QUICK = {"reps": 2, "warmup": 1, "threads": [1], "quant_elements": 1 << 16, "quant_rows": 64, "width": 64,
+         "hidden": 128, "blocks": 1, "features": 64, "cnn_channels": 32, "cnn_in_channels": 4, "cnn_length": 32,
+         "cnn_batch": 16, "compile": False}
 
 
 class MLPBlocks(nn.Module):
@@ -178,7 +180,7 @@ def torchao_model(model: nn.Module) -> nn.Module | str:
     m = copy.deepcopy(model)
     try:
         quantize_(m, int8_mixed_precision_training(), filter_fn=lambda mod, name: isinstance(mod, nn.Linear))
-    except Exception as err:  # version mismatch: report, do not fail the bench
+    except Exception as err:  # noqa: BLE001 (version mismatch: report, do not fail the bench)
         return f"failed: {err!r:.80}"
     return m
 

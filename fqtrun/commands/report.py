@@ -13,12 +13,11 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import hydra
-from rich.console import Console
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
+from rich.console import Console
 
 from fqtrun.commands.common import run_reporting_errors
 from fqtrun.errors import ConfigError
@@ -29,7 +28,7 @@ from fqtrun.report.collect import find_runs, group_runs, load_run, varying_keys
 @dataclass
 class ReportConfig:
     dirs: list[str] = field(default_factory=list)  # run / sweep folders (positional on the command line)
-    out: Optional[str] = None  # where the report goes; null = the first of dirs
+    out: str | None = None  # where the report goes; null = the first of dirs
     plots: bool = True
     # override keys (and their sub-keys) that do not define an experiment: left out of the grouping
     ignore: list[str] = field(default_factory=lambda: ["seed", "resume", "skip_done", "threads", "device",

@@ -20,7 +20,8 @@ from fqtrun.quant.convert import ConversionReport, convert, used_bits
 from fqtrun.quant.layers import NoiseContext
 from fqtrun.quant.recipe import slot_factory
 from fqtrun.training.checkpoint import check_matches, load_checkpoint
-from fqtrun.training.distributed import NullLogger, SingleProcess, setup as setup_processes
+from fqtrun.training.distributed import NullLogger, SingleProcess
+from fqtrun.training.distributed import setup as setup_processes
 from fqtrun.training.hooks import Hook
 from fqtrun.training.loggers import JsonlLogger, ProgressView, WandbLogger, make_console, summary_table
 from fqtrun.training.trainer import Interrupted, LoopSettings, Trainer
@@ -70,6 +71,7 @@ def quantize_model(cfg: DictConfig, model: torch.nn.Module, noise: NoiseContext)
 # Techniques plug into the loop through hook factories: "module:function", each called as
 # function(cfg, model, bundle) -> Hook | None (None when the run does not use that technique).
 HOOK_FACTORIES: tuple[str, ...] = (
+    "fqtrun.sparsity.trainer_hook:sparsity_hook",
     "fqtrun.analysis.variance:variance_hook",
     "fqtrun.training.precision:precision_hook",
     "fqtrun.training.precision:bitops_hook",
@@ -229,7 +231,7 @@ def _print_summary(console, s: dict, out_dir: Path) -> None:
         ("model / dataset", f"{s['model']} / {s['dataset']}"),
         ("quantization", s["quant"]),
         ("bits used (last step)", " ".join(f"{k}={v}" for k, v in s["bits_used"].items()) or "fp32"),
-        ("layers quantized", f"{len(s['layers_quantized'])} (+{len(s['layers_full_precision'])} kept fp)"
+        ("layers converted", f"{len(s['layers_quantized'])} (+{len(s['layers_full_precision'])} kept fp)"
          if s["layers_quantized"] or s["layers_full_precision"] else "none"),
         ("epochs / steps", f"{s['epochs']} / {s['steps']}"),
         ("final test acc", f"{s['final_test_acc']:.4f}"),
@@ -238,6 +240,13 @@ def _print_summary(console, s: dict, out_dir: Path) -> None:
         ("wall time", f"{s['wall_time_s']:.1f} s"),
         ("outputs", str(out_dir)),
     ]
+    if "sparsity" in s:
+        sp = s["sparsity"]
+        mean = sum(sp["density"].values()) / len(sp["density"])
+        rows.insert(3, ("sparsity", f"{sp['kind']} {sp['n']}:{sp['m']} on {len(sp['density'])} layers, "
+                                    f"density {mean:.3f}"))
+    if "gbitops" in s:
+        rows.insert(-1, ("GBitOPs (savings)", f"{s['gbitops']:.1f} ({100 * s['bitops_savings']:.1f}%)"))
     console.print(summary_table("fqtrun train: summary", rows))
 
 

@@ -54,7 +54,7 @@ class IntOperand:
     alpha: Tensor
     scale: Tensor
 
-    def t(self) -> "IntOperand":
+    def t(self) -> IntOperand:
         return IntOperand(self.q.t(), self.alpha.t(), self.scale.t())
 
     def dequantize(self) -> Tensor:
@@ -144,7 +144,7 @@ def fp_operand(t: Tensor) -> IntOperand:
 
 
 class _FpOperand(IntOperand):
-    def t(self) -> "IntOperand":
+    def t(self) -> IntOperand:
         return _FpOperand(self.q.t(), self.alpha, self.scale)
 
     def dequantize(self) -> Tensor:
@@ -270,7 +270,7 @@ class Int8Linear(torch.autograd.Function):
 def _conv_geometry(layer, x: Tensor):
     """Conv1d as a 2-D conv of height 1: (x4, kernel, stride, padding, dilation)."""
     if x.dim() == 3:
-        one = lambda t, fill: (fill, t[0])  # noqa: E731
+        one = lambda t, fill: (fill, t[0])
         return (x.unsqueeze(2), one(layer.kernel_size, 1), one(layer.stride, 1), one(layer.padding, 0),
                 one(layer.dilation, 1))
     return x, tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation)

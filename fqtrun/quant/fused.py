@@ -73,6 +73,6 @@ def nearest_int8(x: Tensor, scale: Tensor, zero: Tensor, bits: int, compile: boo
     if compile:
         try:
             return _compiled_nearest()(x2, s, z, big).view(x.shape)
-        except Exception as err:  # no C++ compiler, unsupported device...: stay correct, eager
+        except Exception as err:  # noqa: BLE001 (no C++ compiler, unsupported device: stay correct, eager)
             warnings.warn(f"nearest_int8: torch.compile failed ({err!r:.200}); running eager")
     return _nearest_eager(x2, s, z, big).view(x.shape)

@@ -42,7 +42,7 @@ class QuantConfig:
     # forward dequantization of slots w and a (spec/denoise_bn.md A): ste = min-max grid, straight-through;
     # ridge = ridge fit of x on the codes, gradient through the fit
     dequant: str = "ste"  # ste | ridge
-    ridge_form: str = "affine"  # affine: y = s (q - mean q) + mean x | linear: y = s q
+    ridge_form: str = "affine"  # affine: y = s (q - mean q) + mean x | linear: y = s q (zero-mean data only)
     ridge_lambda: float = 0.01  # ridge penalty (the paper's 0.01; 0 is guarded against NaN)
     # ridge blocks: null = weights per weight_granularity, activations per tensor; an int = sub-channel
     # blocks of that many elements along each weight row (output channel) and each sample's activations

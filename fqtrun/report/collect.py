@@ -14,7 +14,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 MARKERS = ("metrics.jsonl", "summary.json", "failed.json", "variance.json")
 NOT_RUNS = {".hydra", ".submitit", "wandb", "__pycache__", ".git"}  # never searched for runs
@@ -79,7 +81,7 @@ def load_run(path: Path) -> Run:
     problems: list[str] = []
     try:
         config = OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "config.yaml"), resolve=False)
-    except Exception as e:  # yaml/omegaconf raise many types on a damaged file
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as e:
         config, problems = {}, [f".hydra/config.yaml unreadable ({type(e).__name__})"]
     summary = _read_json(path / "summary.json", problems)
     overrides = _read_overrides(path / ".hydra" / "overrides.yaml")
@@ -107,7 +109,7 @@ def _read_json(path: Path, problems: list[str]) -> dict | None:
 def _read_overrides(path: Path) -> list[str] | None:
     try:
         data = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception:  # absent or damaged: fall back to summary.json's copy
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException):  # absent or damaged: use summary's
         return None
     return [str(o) for o in data] if isinstance(data, list) else None
 

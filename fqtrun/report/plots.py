@@ -83,6 +83,7 @@ def accuracy_curves(groups: list[Group], keys: list[str], path: Path) -> Result:
     if not drawn:
         return None, "test accuracy curves: no test records in any metrics.jsonl"
     ax.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy (mean ± std over seeds)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
     return _save(fig, path), ""
 

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from fqtrun.quant import fused, grid
-from fqtrun.quant.backends import (IntOperand, apply_backend, backend_report, grad_operand, int_matmul)
+from fqtrun.quant.backends import IntOperand, apply_backend, backend_report, grad_operand, int_matmul
 from fqtrun.quant.convert import convert
 from fqtrun.quant.gradient import make_gradient_quantizer
 from fqtrun.quant.layers import NoiseContext
