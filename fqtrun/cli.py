@@ -57,7 +57,8 @@ def check_group_choices(overrides: list[str]) -> str | None:
     """
     for arg in overrides:
         m = re.fullmatch(r"[+~]{0,2}([a-z_][a-z0-9_/]*)=(.*)", arg)
-        if not m or not (CONF / m.group(1)).is_dir():
+        # hydra/* groups (launchers, sweepers) also come from Hydra and its plugins, which conf/ does not list
+        if not m or m.group(1).startswith("hydra/") or not (CONF / m.group(1)).is_dir():
             continue
         group, values = m.group(1), m.group(2)
         valid = sorted(p.stem for p in (CONF / group).glob("*.yaml"))

@@ -33,8 +33,8 @@ TOL = 1e-5
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "fqtrun", "train",
-                           "trainer.distributed=true", *args], cwd=cwd, env=env, check=False, capture_output=True, text=True,
-                          timeout=300)
+                           "trainer.distributed=true", *args], cwd=cwd, env=env, check=False,
+                          capture_output=True, text=True, timeout=300)
 
 
 def records(run: Path) -> list[dict]:
@@ -101,8 +101,8 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, compose_train, data_cach
 @pytest.mark.slow
 def test_torchrun_resume_continues_the_same_trajectory(tmp_path, compose_train, data_cache):
     for epochs, extra in ((1, []), (2, ["resume=true"])):
-        res = torchrun(*RUN, f"epochs={epochs}", *extra, f"dataset.cache_dir={data_cache}", "hydra.run.dir=ddp",
-                       cwd=tmp_path)
+        res = torchrun(*RUN, f"epochs={epochs}", *extra, f"dataset.cache_dir={data_cache}",
+                       "hydra.run.dir=ddp", cwd=tmp_path)
         assert res.returncode == 0, res.stderr[-4000:]
     single = tmp_path / "single"
     run_train(compose_train(*RUN, "epochs=2"), single)  # constant lr: the epoch count does not shape it

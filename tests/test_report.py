@@ -25,7 +25,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def fqtrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([FQTRUN, *args], cwd=cwd, env=env, check=False, capture_output=True, text=True, timeout=300)
+    return subprocess.run([FQTRUN, *args], cwd=cwd, env=env, check=False, capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,8 @@ def test_report_table_matches_hand_computation(sweep):
     for job in sweep.iterdir():
         if job.name.isdigit():
             s = json.loads((job / "summary.json").read_text())
-            by_bits.setdefault(next(o.split("=")[1] for o in s["overrides"] if o.startswith("bits=")), []).append(s)
+            bits = next(o.split("=")[1] for o in s["overrides"] if o.startswith("bits="))
+            by_bits.setdefault(bits, []).append(s)
     with open(sweep / "report.csv", encoding="utf-8") as f:
         rows = {r["bits"]: r for r in csv.DictReader(f)}
     assert set(rows) == set(by_bits) == {"4", "8"}

@@ -84,7 +84,7 @@ def test_failed_job_is_recorded_and_rerun_skips_done_jobs(tmp_path, data_cache):
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"skip: {good.resolve()} already holds summary.json" in again.stdout
     assert {f: (good / f).stat().st_mtime_ns for f in stamp} == stamp  # untouched
-    assert json.loads((bad / "failed.json").read_text())["error"] == failure["error"]  # tried again, failed again
+    assert json.loads((bad / "failed.json").read_text())["error"] == failure["error"]  # tried again, failed
 
 
 def test_skip_done_refuses_a_finished_run_with_other_overrides(tmp_path):
@@ -92,13 +92,14 @@ def test_skip_done_refuses_a_finished_run_with_other_overrides(tmp_path):
                                                        "final_test_acc": 0.5}))
     with pytest.raises(FqtrunError, match="other overrides"):
         done_summary(tmp_path)  # outside Hydra the current overrides are [] != [bits=4]
-    (tmp_path / "summary.json").write_text(json.dumps({"overrides": ["skip_done=true"], "final_test_acc": 0.5}))
+    same = {"overrides": ["skip_done=true"], "final_test_acc": 0.5}
+    (tmp_path / "summary.json").write_text(json.dumps(same))
     assert done_summary(tmp_path)["final_test_acc"] == 0.5
     assert done_summary(tmp_path / "absent") is None
 
 
 def test_submitit_local_runs_one_job(tmp_path, data_cache):
-    pytest.importorskip("submitit", reason="hydra-submitit-launcher is an optional extra (pip install .[sweeps])")
+    pytest.importorskip("submitit", reason="hydra-submitit-launcher (optional extra): pip install .[sweeps]")
     res = fqtrun("train", "-m", "hydra/launcher=local", "hydra.sweep.dir=sweep", "epochs=1", "batch_size=400",
                  cwd=tmp_path, cache=data_cache)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -107,3 +108,11 @@ def test_submitit_local_runs_one_job(tmp_path, data_cache):
     assert summary["epochs"] == 1 and 0.0 <= summary["final_test_acc"] <= 1.0
     logs = list((tmp_path / "sweep" / ".submitit").glob("*/*_log.out"))
     assert logs, "submitit wrote no job log: the job did not run through submitit"
+
+
+def test_cli_lets_hydra_own_launcher_names_through():
+    from fqtrun.cli import check_group_choices
+
+    for name in ("basic", "joblib", "submitit_local", "submitit_slurm", "parallel", "local", "slurm"):
+        assert check_group_choices([f"hydra/launcher={name}"]) is None
+    assert "unknown" in check_group_choices(["model=nope"])

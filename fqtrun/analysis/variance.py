@@ -117,7 +117,7 @@ def untouched(model: nn.Module) -> Iterator[None]:
     layers = [layer for _, layer in quant_layers(model)]
     used = [dict(layer._used) for layer in layers]  # read back by the bits probe after every step
     draws = [(layer.noise, layer.noise.draw) for layer in layers]
-    devices = sorted({b.device.index or 0 for b in buffers_and_params(model) if b.is_cuda})
+    devices = sorted({b.device.index or 0 for b in _tensors(model) if b.is_cuda})
     with torch.random.fork_rng(devices=devices):
         try:
             yield
@@ -132,7 +132,7 @@ def untouched(model: nn.Module) -> Iterator[None]:
                 noise.draw = d
 
 
-def buffers_and_params(model: nn.Module) -> Iterator[Tensor]:
+def _tensors(model: nn.Module) -> Iterator[Tensor]:
     yield from model.parameters()
     yield from model.buffers()
 

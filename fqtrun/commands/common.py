@@ -142,3 +142,46 @@ def write_json(path: Path, data: dict) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, default=str)
     os.replace(tmp, path)
+
+
+def load_train_run(checkpoint: str, command: str) -> tuple[DictConfig, dict, torch.nn.Module, object, str]:
+    """Rebuild a `fqtrun train` run's model from its folder: (run cfg, checkpoint, model in eval mode, data, name).
+
+    `checkpoint` is a run folder's last.pt (or the folder); the model, dataset and quant/sparsity
+    recipe come from the folder's .hydra/config.yaml. Masks of sparse runs are loaded as the
+    layers' weight_mask buffers. `command` names the caller in the error messages.
+    """
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from fqtrun.commands.train import build_model, quantize_model  # train imports this module
+    from fqtrun.config import TrainConfig
+    from fqtrun.errors import CheckpointError, ConfigError
+    from fqtrun.quant.layers import NoiseContext
+    from fqtrun.training.checkpoint import check_matches, load_checkpoint
+
+    path = Path(checkpoint).expanduser()
+    path = path / "last.pt" if path.is_dir() else path
+    ckpt = load_checkpoint(path)  # one-line CheckpointError when missing or corrupt
+    cfg_path = path.parent / ".hydra" / "config.yaml"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path} does not exist: {command} rebuilds the model from the run folder's "
+                              "config; pass checkpoint=<a fqtrun train run folder>/last.pt")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(cfg_path))
+    except Exception as e:
+        raise ConfigError(f"{cfg_path} does not match this fqtrun's train schema "
+                          f"({' '.join(str(e).split())[:160]})") from None
+    name = ckpt.get("model_name", "unknown")
+    bundle = instantiate(cfg.dataset)
+    model = build_model(cfg, bundle)
+    quantize_model(cfg, model, NoiseContext(seed=cfg.seed))
+    for key, v in ckpt["model"].items():  # sparse runs: the layers' weight_mask buffers are set lazily
+        if key.endswith(".weight_mask") and isinstance(v, torch.Tensor):
+            try:
+                model.get_submodule(key.rsplit(".", 1)[0]).weight_mask = torch.zeros_like(v)
+            except AttributeError:
+                pass  # check_matches names the mismatch
+    check_matches(ckpt, model, name, path)
+    model.load_state_dict(ckpt["model"])
+    return cfg, ckpt, model.eval(), bundle, name

@@ -81,7 +81,8 @@ def run_report(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     groups = group_runs(runs, ignore)
     keys, common = varying_keys(groups)
     rows = tables.summarize(groups)
-    skipped = [f"{p}: {why}" for p, why in empty] + [f"{r.path}: {r.skip_reason}" for r in runs if r.skip_reason]
+    skipped = [f"{p}: {why}" for p, why in empty]
+    skipped += [f"{r.path}: {r.skip_reason}" for r in runs if r.skip_reason]
     notes = [f"{r.path}: {p}" for r in runs if not r.skip_reason for p in r.problems]
     for g in groups:
         seeds = [r.seed for r in g.done]
@@ -106,8 +107,8 @@ def run_report(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     (out / "report.md").write_text(_markdown(title, rows, keys, shared, figures, notes + plot_notes, skipped),
                                    encoding="utf-8")
     tables.write_csv(out / "report.csv", rows, keys)
-    (out / "report.html").write_text(html.page(title, rows, keys, common, figures, notes + plot_notes, skipped),
-                                     encoding="utf-8")
+    page = html.page(title, rows, keys, common, figures, notes + plot_notes, skipped)
+    (out / "report.html").write_text(page, encoding="utf-8")
 
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # no cut columns in logs
     caption = f"shared settings: {shared}" if shared else ""

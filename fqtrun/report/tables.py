@@ -92,7 +92,10 @@ def write_csv(path: Path, rows: list[Row], keys: list[str]) -> None:
             nums = []
             for key, _, _ in METRICS:
                 s = r.stats[key]
-                nums += ["", "", 0] if s is None else [repr(s.mean), "" if math.isnan(s.std) else repr(s.std), s.n]
+                if s is None:
+                    nums += ["", "", 0]
+                else:
+                    nums += [repr(s.mean), "" if math.isnan(s.std) else repr(s.std), s.n]
             w.writerow([r.group.label, *(own.get(k, "") for k in keys), len(r.seeds), len(r.failed), *nums])
 
 

@@ -46,9 +46,9 @@ class ShardedLoader(Loader):
         super().__init__(dataset, batch_size, shuffle, seed, skip_batches=skip_batches)
         tail = len(dataset) % batch_size
         if 0 < tail < world_size:
-            raise ConfigError(f"batch_size={batch_size}: the last batch of an epoch has {tail} samples, fewer "
-                              f"than the {world_size} ranks: pick a batch_size with len(train)={len(dataset)} "
-                              f"% batch_size = 0 or >= {world_size}")
+            raise ConfigError(f"batch_size={batch_size}: the last batch of an epoch has {tail} samples, "
+                              f"fewer than the {world_size} ranks: pick a batch_size with "
+                              f"len(train)={len(dataset)} % batch_size = 0 or >= {world_size}")
         self.rank, self.world_size = rank, world_size
 
     def _batch_indices(self) -> list[torch.Tensor]:
