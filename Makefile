@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install run test test-slow lint bench clean
+.PHONY: help install run test test-slow lint bench clean compare-qat reproduce-fqt reproduce-cpt reproduce-sparsity reproduce-ridge
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -32,6 +32,22 @@ lint: install  ## ruff
 bench: install  ## benchmarks: quantizers and FQT steps vs fp32/bf16 (bench.json), mask search (bench_masks.json)
 	$(BIN)/fqtrun bench hydra.run.dir=outputs/bench
 	$(BIN)/python scripts/bench_masks.py --out bench_masks.json
+
+# The README tables (each writes a markdown table under results/; runs are reused when re-run).
+compare-qat: install  ## fp32 vs QAT 8/6/4-bit, MNIST-1D CNN and MLP, 3 seeds
+	$(BIN)/python scripts/compare_qat.py --seeds 0 1 2 --out results/qat
+
+reproduce-fqt: install  ## FQT: QAT vs PTQ/PSQ/BHQ at 4-8 bits, paper and strict protocols, variance plot
+	$(BIN)/python scripts/reproduce_fqt.py --out results/fqt --seeds 0 1 2 --epochs 50 --jobs 2
+
+reproduce-cpt: install  ## static vs cyclic precision: accuracy and GBitOPs
+	$(BIN)/python scripts/reproduce_cpt.py --epochs 60 --seeds 0 1 2 --out results/cpt
+
+reproduce-sparsity: install  ## dense vs 2:4, 2:4-T, 4:8-T, 2:4-T + BHQ 5-bit
+	$(BIN)/python scripts/reproduce_sparsity.py --out results/sparsity --seeds 0 1 2 --epochs 50 --channels 32
+
+reproduce-ridge: install  ## STE vs ridge dequantization; integer BN report (ResNet-20 / digits)
+	$(BIN)/python scripts/reproduce_ridge.py --seeds 0 1 2 --epochs 50 --rn-epochs 10 --out results/ridge
 
 clean:  ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache bench*.json

@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
-    module = importlib.import_module(COMMANDS[name][0])
+    module = importlib.import_module(COMMANDS[name][0])  # registers the command's schemas
+    problem = check_composes(name, argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     args = getattr(module, "prepare_argv", list)(argv[1:])  # e.g. report: positional folders -> dirs=[...]
     sys.argv = [f"fqtrun {name}", *args]
     module.main()
@@ -65,6 +69,34 @@ def check_group_choices(overrides: list[str]) -> str | None:
         for value in values.split(","):  # a multirun sweep lists options with commas
             if value and value != "null" and value not in valid:
                 return f"{group}={value} is unknown: use one of {', '.join(valid)}"
+    return None
+
+
+def check_composes(command: str, overrides: list[str]) -> str | None:
+    """Compose the config once before Hydra does, to report a bad key or type in one line.
+
+    Skipped for flags (--help, --cfg, -m ...) and sweeps, which Hydra handles itself.
+    """
+    if any(a.startswith("-") for a in overrides) or not (CONF / f"{command}.yaml").is_file():
+        return None
+    from hydra import compose, initialize_config_dir
+
+    plain = [a for a in overrides if not re.match(r"[+~]{0,2}hydra[./]", a)]
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            compose(config_name=command, overrides=plain)
+    except Exception as e:  # Hydra/OmegaConf errors: several lines, the useful ones are the first
+        chain, err = [], e
+        while err is not None:
+            chain.append(str(err))
+            err = err.__cause__
+        lines = [ln.strip() for ln in "\n".join(chain).splitlines() if ln.strip()]
+        key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
+        skip = ("Error merging", "full_key", "object_type", "To append")
+        what = next((ln for ln in lines if re.match(r"(Key|Value) '", ln)), None) or next(
+            (ln for ln in lines if not ln.startswith(skip)), lines[0] if lines else type(e).__name__)
+        where = f" (setting {key})" if key else ""
+        return f"{what}{where}: see `fqtrun {command} --help` for the settings and their types"
     return None
 
 

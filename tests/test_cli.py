@@ -76,3 +76,13 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches(compose_train, tmp_path, 
     run_train(compose_train(*overrides, "resume=true"), cut)
     strip = lambda p: [{k: v for k, v in json.loads(x).items() if "time" not in k} for x in p.read_text().splitlines()]
     assert strip(cut / "metrics.jsonl") == strip(full / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["train", "bits=4.5"], "Value '4.5' of type 'float' could not be converted to Integer (setting bits)"),
+    (["train", "dataset.rooot=3"], "Key 'rooot' not in 'Mnist1dConfig' (setting dataset.rooot)"),
+])
+def test_schema_errors_are_one_line(tmp_path, args, expected):
+    out = fqtrun(*args, cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.strip() == f"error: {expected}: see `fqtrun train --help` " \
+        "for the settings and their types", out.stderr

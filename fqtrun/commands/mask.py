@@ -41,7 +41,7 @@ from fqtrun.experiments import markdown_table
 from fqtrun.quant.convert import convert, quant_layers
 from fqtrun.quant.layers import NoiseContext
 from fqtrun.sparsity.diversity import count_transposable_blocks
-from fqtrun.sparsity.reconstruct import BN_TYPES as _BN_TYPES, reconstruct, reestimate_bn
+from fqtrun.sparsity.reconstruct import BN_TYPES, reconstruct, reestimate_bn
 from fqtrun.sparsity.report import mask_report
 from fqtrun.sparsity.training import SparsityHook
 from fqtrun.training.checkpoint import model_signature, save_checkpoint
@@ -235,7 +235,7 @@ def run_mask(cfg: DictConfig, out_dir: Path) -> dict:
     }
     if convert_enabled:
         batches = calibration_batches(bundle.train, c.calibration_batches, c.batch_size, cfg.seed, device)
-        if c.bn and any(isinstance(mod, _BN_TYPES) for mod in model.modules()):
+        if c.bn and any(isinstance(mod, BN_TYPES) for mod in model.modules()):
             # BN re-estimation alone, to tell its share of the recovery from the reconstruction's
             only_bn = copy.deepcopy(model)
             reestimate_bn(only_bn, batches)
@@ -287,7 +287,8 @@ def _accuracy_rows(s: dict) -> list[tuple[str, str]]:
         rows.append(("magnitude masks + BN re-estimation", f"{a['magnitude_bn']:.4f}"))
     if a["reconstructed"] is not None:
         cal = s["calibration"]
-        rows.append((f"reconstructed + BN ({cal['samples']} calibration samples)",
+        bn = " + BN re-estimation" if cal["bn_layers_reestimated"] else ""
+        rows.append((f"reconstructed{bn} ({cal['samples']} calibration samples)",
                      f"{a['reconstructed']:.4f}"))
     return rows
 

@@ -243,7 +243,6 @@ def _print_summary(console, s: dict, out_dir: Path) -> None:
         ("best test acc", f"{s['best_test_acc']:.4f}"),
         ("final train loss", f"{s['final_train_loss']:.4f}"),
         ("wall time", f"{s['wall_time_s']:.1f} s"),
-        ("outputs", str(out_dir)),
     ]
     if "sparsity" in s:
         sp = s["sparsity"]
@@ -255,8 +254,9 @@ def _print_summary(console, s: dict, out_dir: Path) -> None:
         n_int8 = sum(v == "int8" for v in backends.values())
         rows.insert(4, ("GEMM backend", f"int8 on {n_int8}/{len(backends)} layers (others: see summary.json)"))
     if "gbitops" in s:
-        rows.insert(-1, ("GBitOPs (savings)", f"{s['gbitops']:.1f} ({100 * s['bitops_savings']:.1f}%)"))
+        rows.append(("GBitOPs (savings)", f"{s['gbitops']:.1f} ({100 * s['bitops_savings']:.1f}%)"))
     console.print(summary_table("fqtrun train: summary", rows))
+    console.print(f"outputs: {out_dir.resolve()}", soft_wrap=True)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -145,7 +145,7 @@ def test_reconstruction_reduces_layer_output_error(converted, dense_run):
         d, sp = dense.get_submodule(r["layer"]), sparse.get_submodule(r["layer"])
         x, mask = inputs[r["layer"]], sp.weight_mask
 
-        def conv(w, b):
+        def conv(w, b, x=x, d=d):
             return F.conv1d(x, w.detach(), b.detach(), d.stride, d.padding)
 
         target = conv(d.weight, d.bias)
