@@ -162,7 +162,8 @@ class Trainer:
                 extra.update(h.after_step(st.step))
             if st.step % s.log_every == 0 and st.window_n:
                 self._log_train(extra)
-            self.progress.step(st.batch, f"loss {st.last_train_loss:.4f}")
+            bits = " ".join(f"{k[5:]}{v}" for k, v in extra.items() if k.startswith("bits_"))
+            self.progress.step(st.batch, f"loss {st.last_train_loss:.4f} {bits}".rstrip())
             if self.dist.any(self._signal is not None):  # DDP: a signal on any rank stops all
                 st.wall_time_s += time.perf_counter() - t0
                 self.save()
