@@ -70,7 +70,8 @@ def test_failed_job_is_recorded_and_rerun_skips_done_jobs(tmp_path, data_cache):
     args = ("train", "-m", "hydra.sweep.dir=sweep", "+quant=qat", "bits=4,40", "skip_done=true", "epochs=1",
             "batch_size=400")
     first = fqtrun(*args, cwd=tmp_path, cache=data_cache)
-    assert first.returncode == 0, first.stderr[-3000:]  # the bad job did not take the sweep down
+    assert first.returncode == 1, first.stderr[-3000:]  # the sweep went on, then reported the failure
+    assert "error: 1 job(s) of the sweep" in first.stderr
     good, bad = job_dirs(tmp_path / "sweep")
     assert (good / "summary.json").is_file() and not (good / "failed.json").exists()
     failure = json.loads((bad / "failed.json").read_text())
@@ -81,7 +82,7 @@ def test_failed_job_is_recorded_and_rerun_skips_done_jobs(tmp_path, data_cache):
 
     stamp = {f: (good / f).stat().st_mtime_ns for f in ("summary.json", "metrics.jsonl", "last.pt")}
     again = fqtrun(*args, cwd=tmp_path, cache=data_cache)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 1, again.stderr[-3000:]
     assert f"skip: {good.resolve()} already holds summary.json" in again.stdout
     assert {f: (good / f).stat().st_mtime_ns for f in stamp} == stamp  # untouched
     assert json.loads((bad / "failed.json").read_text())["error"] == failure["error"]  # tried again, failed
