@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig

@@ -10,8 +10,15 @@ import torch
 from omegaconf import OmegaConf
 
 from fqtrun.bn_int import ExactBNRequant, bn_affine
-from fqtrun.commands.intbn import (Accumulator, IntbnConfig, StaticQuantizer, calibrate, find_blocks,
-                                   load_run, run_intbn)
+from fqtrun.commands.intbn import (
+    Accumulator,
+    IntbnConfig,
+    StaticQuantizer,
+    calibrate,
+    find_blocks,
+    load_run,
+    run_intbn,
+)
 from fqtrun.commands.train import run_train
 from fqtrun.errors import FqtrunError
 from fqtrun.quant.convert import quant_layers

@@ -7,8 +7,8 @@ import os
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -144,12 +144,14 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_train_run(checkpoint: str, command: str) -> tuple[DictConfig, dict, torch.nn.Module, object, str]:
+def load_train_run(checkpoint: str, command: str, require: Callable | None = None
+                   ) -> tuple[DictConfig, dict, torch.nn.Module, object, str]:
     """Rebuild a `fqtrun train` run's model from its folder: (run cfg, checkpoint, model in eval mode, data, name).
 
     `checkpoint` is a run folder's last.pt (or the folder); the model, dataset and quant/sparsity
     recipe come from the folder's .hydra/config.yaml. Masks of sparse runs are loaded as the
-    layers' weight_mask buffers. `command` names the caller in the error messages.
+    layers' weight_mask buffers. `command` names the caller in the error messages;
+    `require(cfg, model, name)` may refuse the run (one-line error) before the weights are loaded.
     """
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -175,6 +177,8 @@ def load_train_run(checkpoint: str, command: str) -> tuple[DictConfig, dict, tor
     name = ckpt.get("model_name", "unknown")
     bundle = instantiate(cfg.dataset)
     model = build_model(cfg, bundle)
+    if require is not None:
+        require(cfg, model, name)
     quantize_model(cfg, model, NoiseContext(seed=cfg.seed))
     for key, v in ckpt["model"].items():  # sparse runs: the layers' weight_mask buffers are set lazily
         if key.endswith(".weight_mask") and isinstance(v, torch.Tensor):

@@ -18,28 +18,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 import hydra
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from hydra.core.config_store import ConfigStore
-from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 from rich.table import Table
 from torch import nn
 
 from fqtrun.bn_int import ExactBNRequant, bn_affine, convert_bn_requant, verify
-from fqtrun.commands.common import run_reporting_errors, write_json
-from fqtrun.config import TrainConfig, register_configs
-from fqtrun.errors import CheckpointError, ConfigError
+from fqtrun.commands.common import load_train_run, run_reporting_errors, write_json
+from fqtrun.config import register_configs
+from fqtrun.errors import ConfigError
 from fqtrun.quant import grid
 from fqtrun.quant.convert import quant_layers
-from fqtrun.quant.layers import NoiseContext, QuantLayerMixin
+from fqtrun.quant.layers import QuantLayerMixin
 from fqtrun.quant.quantizers import MinMaxQuantizer, QuantCodes
-from fqtrun.training.checkpoint import check_matches, load_checkpoint
 from fqtrun.training.loggers import make_console, summary_table
 
 register_configs()
@@ -186,39 +184,23 @@ def find_blocks(model: nn.Module) -> tuple[list[tuple[str, str, str, bool]], dic
 
 # ----- loading, calibration, evaluation ------------------------------------------------------------
 def load_run(checkpoint: str) -> tuple[DictConfig, dict, nn.Module, object, str]:
-    """Rebuild the trained quantized model from its run folder; (run cfg, checkpoint, model, data, model name)."""
-    from fqtrun.commands.train import build_model, quantize_model
+    """Rebuild the trained quantized model from its run folder; (run cfg, checkpoint, model, data, model name).
 
-    path = Path(checkpoint).expanduser()
-    ckpt = load_checkpoint(path)  # one-line CheckpointError when missing or corrupt
-    cfg_path = path.parent / ".hydra" / "config.yaml"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{cfg_path} does not exist: intbn rebuilds the model from the run folder's "
-                              "config; pass checkpoint=<a fqtrun train run folder>/last.pt")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(cfg_path))
-    except Exception as e:
-        raise ConfigError(f"{cfg_path} does not match this fqtrun's train schema "
-                          f"({' '.join(str(e).split())[:160]})") from None
-    name = ckpt.get("model_name", "unknown")
+    On top of load_train_run: the run must be quantized with plain min-max codes and have BN.
+    """
+    return load_train_run(checkpoint, "intbn", require=_convertible)
+
+
+def _convertible(cfg: DictConfig, model: nn.Module, name: str) -> None:
+    """Refuse runs intbn cannot convert, in one line each."""
     if cfg.quant is None:
-        raise ConfigError(f"the run of {path} is not quantized: intbn needs a quantized model "
-                          "(train with +quant=qat bits=8)")
+        raise ConfigError("the run is not quantized: intbn needs a quantized model (train with +quant=qat bits=8)")
     if cfg.quant.dequant != "ste":
-        raise ConfigError(f"the run of {path} used quant.dequant={cfg.quant.dequant}: intbn needs integer "
-                          "accumulators of min-max codes (quant.dequant=ste); ridge adds a per-block offset")
-    bundle = instantiate(cfg.dataset)
-    model = build_model(cfg, bundle)
+        raise ConfigError(f"the run used quant.dequant={cfg.quant.dequant}: intbn needs integer accumulators of "
+                          "min-max codes (quant.dequant=ste); ridge adds a per-block offset")
     if not any(isinstance(m, BN_TYPES) for m in model.modules()):
         raise ConfigError(f"model={name} has no BatchNorm layer, so there is nothing to convert: use a model "
                           "with conv + BN blocks (train model=resnet20 dataset=digits +quant=qat bits=8)")
-    quantize_model(cfg, model, NoiseContext(seed=cfg.seed))
-    for key, v in ckpt["model"].items():  # sparse runs: the layers' weight_mask buffers are set lazily
-        if key.endswith(".weight_mask") and isinstance(v, torch.Tensor):
-            model.get_submodule(key.rsplit(".", 1)[0]).weight_mask = torch.zeros_like(v)
-    check_matches(ckpt, model, name, path)
-    model.load_state_dict(ckpt["model"])
-    return cfg, ckpt, model.eval(), bundle, name
 
 
 def _batches(dataset, batch_size: int, limit: int | None = None):

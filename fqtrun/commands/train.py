@@ -11,11 +11,17 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fqtrun.commands.common import (done_summary, hydra_choices, pick_device, run_reporting_errors,
-                                    task_overrides, write_json)
+from fqtrun.analysis.trace_plot import plot_bit_trace
+from fqtrun.commands.common import (
+    done_summary,
+    hydra_choices,
+    pick_device,
+    run_reporting_errors,
+    task_overrides,
+    write_json,
+)
 from fqtrun.config import register_configs, validate_train
 from fqtrun.errors import CheckpointError
-from fqtrun.analysis.trace_plot import plot_bit_trace
 from fqtrun.quant.backends import apply_backend, backend_report
 from fqtrun.quant.convert import ConversionReport, convert, used_bits
 from fqtrun.quant.layers import NoiseContext

@@ -8,8 +8,8 @@ same tensors. Layers that cannot run a slot are refused loudly and listed in the
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from torch import nn
 

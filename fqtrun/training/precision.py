@@ -9,7 +9,6 @@ Two hook factories for HOOK_FACTORIES in commands/train.py, each (cfg, model, bu
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, TINY
 from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
 import fqtrun.commands.train as train_cmd
+from conftest import CONF, TINY
 from fqtrun.analysis.trace_plot import read_bit_trace
 from fqtrun.errors import CheckpointError, ConfigError
 from fqtrun.quant.convert import quant_layers

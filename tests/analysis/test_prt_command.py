@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import CONF
 from hydra import compose, initialize_config_dir
 
+from conftest import CONF
 from fqtrun.commands.prt import run_prt
 from fqtrun.errors import ConfigError
 

@@ -9,10 +9,10 @@ import json
 
 import pytest
 import torch
-from conftest import CONF, TINY
 from hydra import compose, initialize_config_dir
 from torch import nn
 
+from conftest import CONF, TINY
 from fqtrun.analysis.variance import fqt_slots, measure_variance, variance_hook
 from fqtrun.commands.train import run_train
 from fqtrun.commands.variance import build_model, run_variance

@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from conftest import TINY
 from fqtrun.commands.train import run_train
 from fqtrun.config import validate_train
 from fqtrun.errors import ConfigError
@@ -18,7 +19,6 @@ from fqtrun.quant.layers import NoiseContext
 from fqtrun.quant.quantizers import MinMaxQuantizer, RidgeQuantizer
 from fqtrun.quant.recipe import QuantConfig, slot_factory
 from fqtrun.quant.ridge import ridge_quantize
-from conftest import TINY
 
 
 def _recipe(**kw) -> QuantConfig:
