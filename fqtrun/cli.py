@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     module = importlib.import_module(COMMANDS[name][0])  # registers the command's schemas
-    problem = check_composes(name, argv[1:])
+    args = getattr(module, "prepare_argv", list)(argv[1:])  # e.g. report: positional folders -> dirs=[...]
+    problem = check_composes(name, args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
-    args = getattr(module, "prepare_argv", list)(argv[1:])  # e.g. report: positional folders -> dirs=[...]
     sys.argv = [f"fqtrun {name}", *args]
     module.main()
 

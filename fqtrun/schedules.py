@@ -18,18 +18,15 @@ from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from fractions import Fraction
 
+from fqtrun.quant.quantizers import check_bits
+
 # cos(pi * k / 6) for the k where it is rational (Niven): the only places a tie can occur.
 _RATIONAL_COS = {0: Fraction(1), 2: Fraction(1, 2), 3: Fraction(0), 4: Fraction(-1, 2), 6: Fraction(-1)}
 
 
-def _check_bits(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 32:
-        raise ValueError(f"schedule.{name}={value!r} must be an integer bit-width in 1..32")
-
-
 def _check_range(min_bits: int, max_bits: int) -> None:
-    _check_bits("min_bits", min_bits)
-    _check_bits("max_bits", max_bits)
+    check_bits(min_bits, "schedule.min_bits")
+    check_bits(max_bits, "schedule.max_bits")
     if min_bits > max_bits:
         raise ValueError(f"schedule.min_bits={min_bits} must be <= schedule.max_bits={max_bits}")
 
@@ -49,7 +46,7 @@ def _resolve_eval(obj: object, eval_bits: int | None, default: int) -> None:
     if eval_bits is None:
         object.__setattr__(obj, "eval_bits", default)
     else:
-        _check_bits("eval_bits", eval_bits)
+        check_bits(eval_bits, "schedule.eval_bits")
 
 
 def cosine_rise(min_bits: int, max_bits: int, num: int, den: int) -> int:
@@ -71,7 +68,7 @@ class Static:
     eval_bits: int | None = None
 
     def __post_init__(self) -> None:
-        _check_bits("bits", self.bits)
+        check_bits(self.bits, "schedule.bits")
         if self.total_steps is not None:
             _check_total(self.total_steps)
         _resolve_eval(self, self.eval_bits, self.bits)
@@ -89,20 +86,8 @@ class Static:
         return self.bits
 
 
-@dataclass(frozen=True)
-class Cyclic:
-    """CPT's repeated cosine rise q_min -> q_max, then a drop back: a sawtooth (spec/cpt.md).
-
-    T = total_steps // cycles; u = (t mod T) / T. Steps past cycles * T start a further,
-    partial cycle, as in the reference.
-    """
-
-    min_bits: int
-    max_bits: int
-    cycles: int = 32
-    _: KW_ONLY
-    total_steps: int
-    eval_bits: int | None = None
+class _Periodic:
+    """Checks and period T = total_steps // cycles of the schedules that repeat (Cyclic, Triangular)."""
 
     def __post_init__(self) -> None:
         _check_range(self.min_bits, self.max_bits)
@@ -116,6 +101,22 @@ class Cyclic:
     @property
     def period(self) -> int:
         return self.total_steps // self.cycles
+
+
+@dataclass(frozen=True)
+class Cyclic(_Periodic):
+    """CPT's repeated cosine rise q_min -> q_max, then a drop back: a sawtooth (spec/cpt.md).
+
+    T = total_steps // cycles; u = (t mod T) / T. Steps past cycles * T start a further,
+    partial cycle, as in the reference.
+    """
+
+    min_bits: int
+    max_bits: int
+    cycles: int = 32
+    _: KW_ONLY
+    total_steps: int
+    eval_bits: int | None = None
 
     def bits_at(self, step: int) -> int:
         _check_step(step)
@@ -143,7 +144,7 @@ class CosineGrowth:
 
 
 @dataclass(frozen=True)
-class Triangular:
+class Triangular(_Periodic):
     """Linear up q_min -> q_max over half a cycle, then linear down; T = total_steps // cycles."""
 
     min_bits: int
@@ -152,19 +153,6 @@ class Triangular:
     _: KW_ONLY
     total_steps: int
     eval_bits: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_range(self.min_bits, self.max_bits)
-        if isinstance(self.cycles, bool) or not isinstance(self.cycles, int) or self.cycles < 1:
-            raise ValueError(f"schedule.cycles={self.cycles!r} must be an integer >= 1")
-        _check_total(
-            self.total_steps, self.cycles, f" (schedule.cycles={self.cycles}: each cycle needs a step)"
-        )
-        _resolve_eval(self, self.eval_bits, self.max_bits)
-
-    @property
-    def period(self) -> int:
-        return self.total_steps // self.cycles
 
     def bits_at(self, step: int) -> int:
         _check_step(step)
@@ -220,7 +208,7 @@ class Staged:
         if not stages:
             raise ValueError("schedule.stages is empty: give at least one [fraction, bits] pair")
         for i, (frac, bits) in enumerate(stages):
-            _check_bits(f"stages[{i}].bits", bits)
+            check_bits(bits, f"schedule.stages[{i}].bits")
             if not 0.0 < frac <= 1.0:
                 raise ValueError(f"schedule.stages[{i}] fraction={frac} must be in (0, 1]")
         total = math.fsum(frac for frac, _ in stages)

@@ -49,32 +49,26 @@ def plot_bit_trace(metrics_path: Path, out_png: Path, title: str | None = None) 
     trace = read_bit_trace(metrics_path)
     if not trace:
         return None
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fqtrun.figures import save_figure
 
-    fig, ax = plt.subplots(figsize=(8, 3))
+    fig = Figure(figsize=(8, 3))
+    ax = fig.subplots()
     _draw(ax, trace, title or f"bits per slot: {Path(metrics_path).parent.name}")
     ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return Path(out_png)
+    return save_figure(fig, out_png)
 
 
 def plot_bit_traces(runs: Mapping[str, Path], out_png: Path) -> Path:
     """One panel per run (label -> metrics.jsonl), sharing the step axis."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fqtrun.figures import save_figure
 
-    fig, axes = plt.subplots(len(runs), 1, figsize=(8, 2.2 * len(runs)), sharex=True, squeeze=False)
+    fig = Figure(figsize=(8, 2.2 * len(runs)))
+    axes = fig.subplots(len(runs), 1, sharex=True, squeeze=False)
     for ax, (label, path) in zip(axes[:, 0], runs.items()):
         _draw(ax, read_bit_trace(path), label)
     axes[-1, 0].set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return Path(out_png)
+    return save_figure(fig, out_png)

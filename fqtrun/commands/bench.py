@@ -246,9 +246,6 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     result: dict = {"load_before": os.getloadavg(), "settings": OmegaConf.to_container(OmegaConf.structured(s)),
                     "batch_size": cfg.batch_size, "torch": torch.__version__, "runs": []}
     threads_before = torch.get_num_threads()
-    # the compiled SR kernel (grid._sr_fused) specialises on grad mode, grid shape and dequant: the FQT
-    # steps need more than dynamo's default 8 variants, past which it silently runs eager
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     try:
         for t in s.threads:
             torch.set_num_threads(t)

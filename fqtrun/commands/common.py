@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from fqtrun.errors import FqtrunError
+from fqtrun.files import atomic_open
 
 
 def user_error(exc: BaseException) -> BaseException | None:
@@ -138,10 +139,37 @@ def pick_device(name: str) -> torch.device:
 
 def write_json(path: Path, data: dict) -> None:
     """Atomic JSON write (temp file + rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
+
+
+def checkpoint_path(value: str) -> Path:
+    """A checkpoint setting as a file: a run folder means its last.pt."""
+    path = Path(value).expanduser()
+    return path / "last.pt" if path.is_dir() else path
+
+
+def load_weights(model: torch.nn.Module, ckpt: dict, name: str, path: Path) -> None:
+    """A checkpoint's weights into `model`, with one-line errors on a mismatch (check_matches).
+
+    A sparse run's checkpoint holds weight masks: they are put on the quantized layers first (as
+    their weight_mask buffers), so the model's forward matches the run's.
+    """
+    from fqtrun.quant.layers import QuantLayerMixin
+    from fqtrun.training.checkpoint import check_matches
+
+    for key, value in ckpt["model"].items():
+        owner, _, leaf = key.rpartition(".")
+        if leaf != "weight_mask" or not isinstance(value, torch.Tensor):
+            continue
+        try:
+            layer = model.get_submodule(owner)
+        except AttributeError:
+            continue  # check_matches names the mismatch
+        if isinstance(layer, QuantLayerMixin):
+            layer.weight_mask = torch.zeros_like(value)
+    check_matches(ckpt, model, name, path)
+    model.load_state_dict(ckpt["model"])
 
 
 def load_train_run(checkpoint: str, command: str, require: Callable | None = None
@@ -149,8 +177,8 @@ def load_train_run(checkpoint: str, command: str, require: Callable | None = Non
     """Rebuild a `fqtrun train` run's model from its folder: (run cfg, checkpoint, model in eval mode, data, name).
 
     `checkpoint` is a run folder's last.pt (or the folder); the model, dataset and quant/sparsity
-    recipe come from the folder's .hydra/config.yaml. Masks of sparse runs are loaded as the
-    layers' weight_mask buffers. `command` names the caller in the error messages;
+    recipe come from the folder's .hydra/config.yaml; the weights load through load_weights
+    (sparse runs' masks included). `command` names the caller in the error messages;
     `require(cfg, model, name)` may refuse the run (one-line error) before the weights are loaded.
     """
     from hydra.utils import instantiate
@@ -160,10 +188,9 @@ def load_train_run(checkpoint: str, command: str, require: Callable | None = Non
     from fqtrun.config import TrainConfig
     from fqtrun.errors import CheckpointError, ConfigError
     from fqtrun.quant.layers import NoiseContext
-    from fqtrun.training.checkpoint import check_matches, load_checkpoint
+    from fqtrun.training.checkpoint import load_checkpoint
 
-    path = Path(checkpoint).expanduser()
-    path = path / "last.pt" if path.is_dir() else path
+    path = checkpoint_path(checkpoint)
     ckpt = load_checkpoint(path)  # one-line CheckpointError when missing or corrupt
     cfg_path = path.parent / ".hydra" / "config.yaml"
     if not cfg_path.is_file():
@@ -180,12 +207,5 @@ def load_train_run(checkpoint: str, command: str, require: Callable | None = Non
     if require is not None:
         require(cfg, model, name)
     quantize_model(cfg, model, NoiseContext(seed=cfg.seed))
-    for key, v in ckpt["model"].items():  # sparse runs: the layers' weight_mask buffers are set lazily
-        if key.endswith(".weight_mask") and isinstance(v, torch.Tensor):
-            try:
-                model.get_submodule(key.rsplit(".", 1)[0]).weight_mask = torch.zeros_like(v)
-            except AttributeError:
-                pass  # check_matches names the mismatch
-    check_matches(ckpt, model, name, path)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt, name, path)
     return cfg, ckpt, model.eval(), bundle, name

@@ -33,7 +33,13 @@ from rich import box
 from rich.table import Table
 from torch import nn
 
-from fqtrun.commands.common import load_train_run, pick_device, run_reporting_errors, write_json
+from fqtrun.commands.common import (
+    checkpoint_path,
+    load_train_run,
+    pick_device,
+    run_reporting_errors,
+    write_json,
+)
 from fqtrun.config import SparsityConfig, register_configs
 from fqtrun.data.loader import make_loader
 from fqtrun.errors import ConfigError
@@ -203,8 +209,7 @@ def run_mask(cfg: DictConfig, out_dir: Path) -> dict:
         torch.set_num_threads(cfg.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
-    source = Path(cfg.checkpoint).expanduser()
-    source = source / "last.pt" if source.is_dir() else source
+    source = checkpoint_path(cfg.checkpoint)
     run_cfg, _, model, bundle, name = load_train_run(str(source), "mask")
     if not any(True for _ in quant_layers(model)):  # a plain fp32 run: make the layers mask-capable
         convert(model, lambda slot, module: None, NoiseContext(seed=run_cfg.seed))

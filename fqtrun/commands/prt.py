@@ -134,12 +134,12 @@ def result_record(res: PRTResult, settings) -> dict:
 
 def plot_prt(res: PRTResult, out_png: Path) -> Path:
     """Left: per-step train accuracy, one colour per precision; right: the gain per precision vs tau."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fqtrun.figures import save_figure
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig = Figure(figsize=(10, 3.5))
+    left, right = fig.subplots(1, 2)
     start = 0
     for b, t in res.trace.items():
         left.plot(range(start, start + len(t.accs)), t.accs, linewidth=0.8, label=f"{b} bits")
@@ -156,10 +156,7 @@ def plot_prt(res: PRTResult, out_png: Path) -> Path:
     right.set_ylabel(f"acc gain (last {res.window} - first {res.window})")
     right.set_title(f"q_min = {res.q_min}" if res.found else "no q_min found", fontsize=9)
     right.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return Path(out_png)
+    return save_figure(fig, out_png)
 
 
 def run_prt(cfg: DictConfig, out_dir: Path) -> dict:

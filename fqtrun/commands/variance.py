@@ -34,15 +34,22 @@ from fqtrun.analysis.variance import (
     held_batches,
     measure_variance,
 )
-from fqtrun.commands.common import hydra_choices, pick_device, run_reporting_errors, write_json
+from fqtrun.commands.common import (
+    checkpoint_path,
+    hydra_choices,
+    load_weights,
+    pick_device,
+    run_reporting_errors,
+    write_json,
+)
 from fqtrun.config import register_configs
 from fqtrun.errors import ConfigError
 from fqtrun.quant.convert import convert
 from fqtrun.quant.gradient import make_gradient_quantizer
-from fqtrun.quant.layers import NoiseContext, QuantLayerMixin
+from fqtrun.quant.layers import NoiseContext
 from fqtrun.quant.quantizers import GRANULARITIES, check_bits
 from fqtrun.quant.recipe import DW_QUANTIZERS, QuantConfig, slot_factory
-from fqtrun.training.checkpoint import check_matches, load_checkpoint
+from fqtrun.training.checkpoint import load_checkpoint
 from fqtrun.training.loggers import make_console
 
 
@@ -108,25 +115,6 @@ def validate(v) -> list[str]:
     return names
 
 
-def checkpoint_path(value: str) -> Path:
-    path = Path(value).expanduser()
-    return path / "last.pt" if path.is_dir() else path
-
-
-def adopt_masks(model: torch.nn.Module, state: dict) -> None:
-    """A sparse run's checkpoint holds weight masks: put them on the layers, so the forward matches it."""
-    for key, value in state.items():
-        owner, _, leaf = key.rpartition(".")
-        if leaf != "weight_mask":
-            continue
-        try:
-            layer = model.get_submodule(owner)
-        except AttributeError:
-            continue  # check_matches names the mismatch
-        if isinstance(layer, QuantLayerMixin):
-            layer.weight_mask = torch.zeros_like(value)
-
-
 def build_model(cfg: DictConfig, bundle, noise: NoiseContext) -> tuple[torch.nn.Module, str]:
     """The model with a QAT forward at variance.forward_bits, weights from the checkpoint if given."""
     torch.manual_seed(cfg.seed)
@@ -138,10 +126,7 @@ def build_model(cfg: DictConfig, bundle, noise: NoiseContext) -> tuple[torch.nn.
     convert(model, slot_factory(qat), noise)
     if cfg.checkpoint:
         path = checkpoint_path(cfg.checkpoint)
-        ckpt = load_checkpoint(path)
-        adopt_masks(model, ckpt["model"])
-        check_matches(ckpt, model, name, path)
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, load_checkpoint(path), name, path)
     return model, name
 
 
@@ -231,11 +216,11 @@ def table(res: VarianceResult, names: list[str], bits: list[int], settings: dict
 
 def plot(path: Path, res: VarianceResult, names: list[str], bits: list[int], title: str = "") -> None:
     """Quantization variance vs bits (log scale), one line per quantizer, sampling variance as a level."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from fqtrun.figures import save_figure
+
     fig = Figure(figsize=(5.5, 4.0))
-    FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend
     ax = fig.add_subplot()
     xs = sorted(bits)
     for q in names:
@@ -250,8 +235,7 @@ def plot(path: Path, res: VarianceResult, names: list[str], bits: list[int], tit
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="variance")

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 import zipfile
 from importlib.metadata import version
 from pathlib import Path
@@ -21,6 +19,7 @@ from mnist1d.data import get_dataset_args, make_dataset
 from torch.utils.data import TensorDataset
 
 from fqtrun.data.base import DataBundle, DatasetError, one_line
+from fqtrun.files import atomic_open
 
 N_TRAIN, N_TEST, LENGTH, NUM_CLASSES = 4000, 1000, 40, 10
 _EXPECTED = {"x": ((N_TRAIN, LENGTH), np.float32), "y": ((N_TRAIN,), np.int64),
@@ -67,15 +66,9 @@ def _load(path: Path) -> dict[str, np.ndarray] | None:
 
 
 def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write to a temporary file in the same folder, then os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """np.savez through atomic_open: readers never see half a file."""
+    with atomic_open(path) as f:
+        np.savez(f, **arrays)
 
 
 def build(cache_dir: str = "~/.cache/fqtrun", seed: int = 42) -> DataBundle:

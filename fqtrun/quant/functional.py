@@ -17,13 +17,19 @@ import torch
 Tensor = torch.Tensor
 
 
-class FQTLinear(torch.autograd.Function):
+class _FQTFunction(torch.autograd.Function):
+    """Forward of both Functions: the layer's own GEMM (layer.gemm) on the fake-quantized operands."""
+
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None, layer) -> Tensor:
         ctx.save_for_backward(x, w)
         ctx.layer = layer
         ctx.has_bias = bias is not None
-        return torch.nn.functional.linear(x, w, bias)
+        return layer.gemm(x, w, bias)
+
+
+class FQTLinear(_FQTFunction):
+    """Linear with quantized output gradients in the dX and dW GEMMs (2-D view of dY)."""
 
     @staticmethod
     def backward(ctx, gy: Tensor):
@@ -40,15 +46,8 @@ class FQTLinear(torch.autograd.Function):
         return gx, gw, gb, None
 
 
-class FQTConv(torch.autograd.Function):
+class FQTConv(_FQTFunction):
     """Conv1d/Conv2d with quantized output gradients in both backward convolutions."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None, layer) -> Tensor:
-        ctx.save_for_backward(x, w)
-        ctx.layer = layer
-        ctx.has_bias = bias is not None
-        return layer.conv_forward(x, w, bias)
 
     @staticmethod
     def backward(ctx, gy: Tensor):

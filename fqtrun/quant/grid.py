@@ -235,10 +235,8 @@ def sr_quantize(
     return out.view(x.shape) if x.dim() == 0 else out
 
 
-def _sr_fused(
-    x: Tensor, inv_scale: Tensor, zero: Tensor, scale: Tensor, keys: Tensor, big: float, dequant: bool
-) -> Tensor:
-    """sr_quantize written out of place, for torch.compile to fuse into one pass over x."""
+def _sr_codes_fused(x: Tensor, inv_scale: Tensor, zero: Tensor, keys: Tensor, big: Tensor) -> Tensor:
+    """sr_quantize's codes written out of place, for torch.compile to fuse into one pass over x."""
     h = torch.arange(x.numel(), dtype=torch.int64, device=x.device).view(x.shape) ^ keys[0]
     h = h ^ (h >> 16)
     h = (h * 0x7FEB352D) & _M32
@@ -246,15 +244,23 @@ def _sr_fused(
     h = (h * 0x846CA68B) & _M32
     h = h ^ (h >> 16)
     noise = ((h ^ keys[1]) >> 8).to(torch.float32) * (2.0**-24)
-    u = (x.float() * inv_scale + zero).clamp(0.0, big)
+    u = torch.minimum((x * inv_scale + zero).clamp(min=0.0), big)
     f = torch.floor(u)
-    codes = f + (noise < (u - f)).to(torch.float32)
-    return (codes - zero) * scale if dequant else codes
+    return f + (noise < (u - f)).to(torch.float32)
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_sr():
-    return torch.compile(_sr_fused, dynamic=True)
+def _sr_dequant_fused(
+    x: Tensor, inv_scale: Tensor, zero: Tensor, scale: Tensor, keys: Tensor, big: Tensor
+) -> Tensor:
+    """(codes - zero) * scale of _sr_codes_fused, in the same fused pass."""
+    return (_sr_codes_fused(x, inv_scale, zero, keys, big) - zero) * scale
+
+
+@functools.cache
+def _compiled_sr(dequant: bool):
+    # One compiled function per variant: dynamo keeps at most 8 graphs per function (then runs
+    # eager) and guards on a bool argument, so the flag must not multiply the grid shapes.
+    return torch.compile(_sr_dequant_fused if dequant else _sr_codes_fused, dynamic=True)
 
 
 def sr_quantize_compiled(
@@ -262,7 +268,17 @@ def sr_quantize_compiled(
 ) -> Tensor:
     """sr_quantize through torch.compile (one fused pass; first call per shape kind compiles,
     ~10-30 s on a 2-core CPU). Same noise; float rounding of x / scale may differ in rare
-    elements, so codes can differ from sr_quantize's by one step there."""
+    elements, so codes can differ from sr_quantize's by one step there.
+
+    Runs under no_grad (the codes carry no gradient), with x cast to float32 beforehand and
+    B passed as a tensor (dynamo specialises on Python floats), so grad mode, input dtype and
+    bits add no graphs: each variant holds one graph per grid shape (tensor, row, column).
+    """
     k1, k2 = _seed_keys(seed)
     keys = torch.tensor([k1, k2], dtype=torch.int64, device=x.device)
-    return _compiled_sr()(x, torch.reciprocal(scale), zero, scale, keys, float(levels(bits)), dequant)
+    big = torch.tensor(float(levels(bits)), device=x.device)
+    with torch.no_grad():
+        xf, inv = x.float(), torch.reciprocal(scale)
+        if dequant:
+            return _compiled_sr(True)(xf, inv, zero, scale, keys, big)
+        return _compiled_sr(False)(xf, inv, zero, keys, big)

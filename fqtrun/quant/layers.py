@@ -76,6 +76,18 @@ class QuantLayerMixin:
     def fully_quantized(self) -> bool:
         return self.slots["dx"] is not None or self.slots["dw"] is not None
 
+    def forward(self, x: Tensor) -> Tensor:
+        """int8 GEMMs where the backend allows; else the GEMM (self.gemm) on fake-quantized operands,
+        through the FQT autograd Function (self._fqt_function) when a gradient slot is quantized."""
+        if self.backend != "simulate":
+            y = int8_forward(self, x)  # None: this layer cannot run int8 now, simulate below
+            if y is not None:
+                return y
+        x_hat, w_hat = self.quantized_operands(x)
+        if self.fully_quantized and torch.is_grad_enabled():
+            return self._fqt_function.apply(x_hat, w_hat, self.bias, self)
+        return self.gemm(x_hat, w_hat, self.bias)
+
     # -- backward helper -------------------------------------------------------------------
     def quantize_grad(self, slot: str, g: Tensor) -> Tensor:
         q = self.slots[slot]
@@ -106,19 +118,16 @@ class QuantLayerMixin:
 
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
-    def forward(self, x: Tensor) -> Tensor:
-        if self.backend != "simulate":
-            y = int8_forward(self, x)  # None: this layer cannot run int8 now, simulate below
-            if y is not None:
-                return y
-        x_hat, w_hat = self.quantized_operands(x)
-        if self.fully_quantized and torch.is_grad_enabled():
-            return FQTLinear.apply(x_hat, w_hat, self.bias, self)
-        return nn.functional.linear(x_hat, w_hat, self.bias)
+    _fqt_function = FQTLinear
+
+    def gemm(self, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+        return nn.functional.linear(x, w, bias)
 
 
 class _QuantConvMixin(QuantLayerMixin):
-    def conv_forward(self, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    _fqt_function = FQTConv
+
+    def gemm(self, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
         return self._conv_forward(x, w, bias)
 
     def conv_backward(self, gy: Tensor, x: Tensor, w: Tensor, input_grad: bool) -> Tensor:
@@ -128,16 +137,6 @@ class _QuantConvMixin(QuantLayerMixin):
             [0] * len(self.stride), self.groups, mask,
         )
         return out[0] if input_grad else out[1]
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.backend != "simulate":
-            y = int8_forward(self, x)  # None: this layer cannot run int8 now, simulate below
-            if y is not None:
-                return y
-        x_hat, w_hat = self.quantized_operands(x)
-        if self.fully_quantized and torch.is_grad_enabled():
-            return FQTConv.apply(x_hat, w_hat, self.bias, self)
-        return self._conv_forward(x_hat, w_hat, self.bias)
 
 
 class QuantConv1d(_QuantConvMixin, nn.Conv1d):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from fqtrun.figures import save_figure
 from fqtrun.report.collect import Group, Run
 from fqtrun.report.tables import stat
 
@@ -20,12 +21,6 @@ Result = tuple[Path | None, str]
 def _label(group: Group, keys: list[str], drop: str = "") -> str:
     """The group's values of the settings that vary between groups (`keys`), less `drop`."""
     return " ".join(f"{k}={v}" for k, v in group.key if k in keys and k != drop) or "(defaults)"
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
 
 
 def accuracy_vs_bits(groups: list[Group], keys: list[str], path: Path) -> Result:
@@ -56,7 +51,7 @@ def accuracy_vs_bits(groups: list[Group], keys: list[str], path: Path) -> Result
     ax.set(xlabel="bits (the `bits` setting)", ylabel="final test accuracy", title="accuracy vs bits")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
-    return _save(fig, path), ""
+    return save_figure(fig, path, dpi=110), ""
 
 
 def accuracy_curves(groups: list[Group], keys: list[str], path: Path) -> Result:
@@ -86,7 +81,7 @@ def accuracy_curves(groups: list[Group], keys: list[str], path: Path) -> Result:
     ax.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy (mean ± std over seeds)")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
-    return _save(fig, path), ""
+    return save_figure(fig, path, dpi=110), ""
 
 
 def bit_traces(groups: list[Group], keys: list[str], path: Path) -> Result:
@@ -111,7 +106,7 @@ def bit_traces(groups: list[Group], keys: list[str], path: Path) -> Result:
         ax.yaxis.get_major_locator().set_params(integer=True)
     fig.axes[0].set_title("bit-width traces (first seed of each group)")
     fig.axes[0].legend(fontsize=6)
-    return _save(fig, path), ""
+    return save_figure(fig, path, dpi=110), ""
 
 
 def gradient_variance(groups: list[Group], keys: list[str], runs: list[Run], path: Path) -> Result:
@@ -146,7 +141,7 @@ def gradient_variance(groups: list[Group], keys: list[str], runs: list[Run], pat
         ax.set_yscale("log")
         ax.set(xlabel="gradient bits", ylabel="variance", title=title)
         ax.legend(fontsize=7)
-    return _save(fig, path), ""
+    return save_figure(fig, path, dpi=110), ""
 
 
 def _study_series(data: dict) -> dict[str, list[tuple[int, float]]]:
