@@ -29,7 +29,8 @@ test-slow: install  ## run the slow tests too
 lint: install  ## ruff
 	$(BIN)/ruff check fqtrun tests scripts
 
-bench: install  ## benchmarks: quantizers and FQT steps vs fp32/bf16 (bench.json), mask search (bench_masks.json)
+bench: install  ## benchmarks: quantizers and FQT steps vs fp32/bf16/torchao (bench.json), mask search (bench_masks.json)
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/fqtrun bench hydra.run.dir=outputs/bench
 	$(BIN)/python scripts/bench_masks.py --out bench_masks.json
 

@@ -8,6 +8,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fqtrun.allocator import keep_freed_memory
+
 CONF = Path(__file__).resolve().parent / "conf"
 
 COMMANDS = {
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+    keep_freed_memory()  # big CPU temporaries reuse freed memory instead of new page faults
     module = importlib.import_module(COMMANDS[name][0])  # registers the command's schemas
     args = getattr(module, "prepare_argv", list)(argv[1:])  # e.g. report: positional folders -> dirs=[...]
     problem = check_composes(name, args)

@@ -243,7 +243,8 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
                        torch.randint(0, s.classes, (cfg.batch_size,), generator=g)),
             "cnn": (torch.randn(s.cnn_batch, s.cnn_in_channels, s.cnn_length, generator=g),
                     torch.randint(0, s.classes, (s.cnn_batch,), generator=g))}
-    result: dict = {"load_before": os.getloadavg(), "settings": OmegaConf.to_container(OmegaConf.structured(s)),
+    result: dict = {"load_before": os.getloadavg(), "malloc": os.environ.get("FQTRUN_MALLOC") or "kept (fqtrun.allocator)",
+                    "settings": OmegaConf.to_container(OmegaConf.structured(s)),
                     "batch_size": cfg.batch_size, "torch": torch.__version__, "runs": []}
     threads_before = torch.get_num_threads()
     try:

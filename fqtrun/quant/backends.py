@@ -66,10 +66,11 @@ def _alpha(zero: Tensor) -> Tensor:
     return (fused.OFFSET - zero).to(torch.int32)
 
 
-def int_matmul(a: IntOperand, b: IntOperand) -> Tensor:
+def int_matmul(a: IntOperand, b: IntOperand, compile: bool = False) -> Tensor:
     """float32 (M, N) = a @ b via one int8 GEMM with int32 accumulation plus zero-point corrections.
 
     a's alpha/scale must be constant along K (shape (M, 1) or (1, 1)), b's along K too ((1, N) or (1, 1)).
+    compile=True fuses the corrections and scales into one pass over the output (fused.int_gemm_epilogue).
     """
     k = a.q.shape[1]
     if a.alpha.shape[-1] != 1 or b.alpha.shape[0] != 1:
@@ -79,10 +80,8 @@ def int_matmul(a: IntOperand, b: IntOperand) -> Tensor:
     ones = torch.ones(8, k, dtype=torch.int8, device=a.q.device)
     row_a = torch._int_mm(a.q, ones.t())[:, :1]  # (M, 1)
     col_b = torch._int_mm(ones, b.q)[:1]  # (1, N)
-    # in-place broadcast addcmul: no (M, N) temporary (an int32 outer product was ~25x slower)
-    acc.addcmul_(a.alpha, col_b + k * b.alpha)  # alpha_a colsum(qb) + K alpha_a alpha_b
-    acc.addcmul_(row_a, b.alpha)  # rowsum(qa) alpha_b
-    return acc.to(torch.float32).mul_(a.scale).mul_(b.scale)
+    # + alpha_a (colsum(qb) + K alpha_b) + rowsum(qa) alpha_b, then the scales
+    return fused.int_gemm_epilogue(acc, a.alpha, col_b + k * b.alpha, row_a, b.alpha, a.scale, b.scale, compile)
 
 
 def _int_gemm_ok(a: IntOperand, b: IntOperand) -> str | None:
@@ -98,12 +97,12 @@ def _int_gemm_ok(a: IntOperand, b: IntOperand) -> str | None:
     return None
 
 
-def matmul(a: IntOperand, b: IntOperand, note: dict, gemm: str) -> Tensor:
+def matmul(a: IntOperand, b: IntOperand, note: dict, gemm: str, compile: bool = False) -> Tensor:
     """a @ b as an int8 GEMM when possible, else fp32 on the dequantized values; records which in note."""
     why = _int_gemm_ok(a, b)
     note[gemm] = "int8" if why is None else f"fp32 ({why})"
     if why is None:
-        return int_matmul(a, b)
+        return int_matmul(a, b, compile)
     return a.dequantize() @ b.dequantize()
 
 
@@ -180,8 +179,8 @@ def _backward_gemm(layer, slot: str, g2: Tensor, other: IntOperand, note: dict, 
     if why is not None:
         note[gemm] = f"fp32 ({why})"
         return left.dequantize() @ other.dequantize()
-    out = matmul(left, other, note, gemm)
-    return transform.inverse(out) if transform is not None else out
+    out = matmul(left, other, note, gemm, layer.compile)
+    return transform.inverse_(out) if transform is not None else out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,14 +228,14 @@ def _activation_operand(layer, x2: Tensor, grid_of: Tensor | None = None) -> Int
     qa = layer.slots["a"]
     layer._used["a"] = qa.bits
     scale, zero = grid.minmax_grid(x2 if grid_of is None else grid_of, qa.bits)
-    codes = fused.nearest_int8(x2, scale, zero, qa.bits, compile=getattr(layer, "compile", False))
+    codes = fused.nearest_int8(x2, scale, zero, qa.bits, compile=layer.compile)
     return IntOperand(codes, _alpha(zero).view(1, 1), scale.float().view(1, 1))
 
 
 def _weight_operand(layer, w2: Tensor) -> IntOperand:
     qw = layer.slots["w"]
     layer._used["w"] = qw.bits
-    return forward_operand(qw, w2, per_row=qw.granularity == "channel", compile=getattr(layer, "compile", False))
+    return forward_operand(qw, w2, per_row=qw.granularity == "channel", compile=layer.compile)
 
 
 class Int8Linear(torch.autograd.Function):
@@ -247,7 +246,7 @@ class Int8Linear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         xo, wo = _activation_operand(layer, x2), _weight_operand(layer, w)
         note: dict = {}
-        y = matmul(xo, wo.t(), note, "fwd")  # (N, out)
+        y = matmul(xo, wo.t(), note, "fwd", layer.compile)  # (N, out)
         if bias is not None:
             y.add_(bias)
         layer.backend_used = note
@@ -293,7 +292,7 @@ class Int8Conv(torch.autograd.Function):
         xo = _activation_operand(layer, cols2, grid_of=x)
         wo = _weight_operand(layer, w.reshape(w.shape[0], -1))
         note: dict = {}
-        y = matmul(xo, wo.t(), note, "fwd")  # (B*L, C_out)
+        y = matmul(xo, wo.t(), note, "fwd", layer.compile)  # (B*L, C_out)
         if bias is not None:
             y.add_(bias)
         out_spatial = _out_spatial(x4.shape[2:], k, s, p, d)
@@ -319,13 +318,13 @@ class Int8Conv(torch.autograd.Function):
                 note["dx"] = f"fp32 ({why})"
                 dcols = rows.dequantize() @ wo.dequantize()
             else:
-                dcols = matmul(rows, wo, note, "dx")  # (B*L, C*k)
+                dcols = matmul(rows, wo, note, "dx", layer.compile)  # (B*L, C*k)
             n_pos = dcols.shape[0] // b
             gx = F.fold(dcols.view(b, n_pos, -1).transpose(1, 2), tuple(in_spatial), k, dilation=d, padding=p,
                         stride=s)
             gx = gx.reshape(b, -1)
             if transform is not None:
-                gx = transform.inverse(gx)
+                gx = transform.inverse_(gx)
             gx = gx.reshape(x_shape)
         if ctx.needs_input_grad[1]:
             cols = gy.movedim(1, -1).reshape(-1, c_out)  # (B*L, C_out): dW quantizer, one column per channel
@@ -359,7 +358,8 @@ def _sample_rows_to_positions(op: IntOperand, b: int, c_out: int) -> IntOperand:
 
 def apply_backend(model: torch.nn.Module, backend: str, compile: bool = False) -> None:
     """Set the compute backend (simulate | int8 | auto) of every quantized layer; compile=True fuses
-    the int8 forward quantization with torch.compile (first use compiles, eager if that fails)."""
+    the int8 forward quantization and GEMM epilogues with torch.compile (first use compiles, eager if that
+    fails)."""
     if backend not in BACKENDS:
         raise ValueError(f"quant.backend={backend!r} is unknown: use one of {', '.join(BACKENDS)}")
     for m in model.modules():

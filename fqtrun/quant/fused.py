@@ -76,3 +76,33 @@ def nearest_int8(x: Tensor, scale: Tensor, zero: Tensor, bits: int, compile: boo
         except Exception as err:  # noqa: BLE001 (no C++ compiler, unsupported device: stay correct, eager)
             warnings.warn(f"nearest_int8: torch.compile failed ({err!r:.200}); running eager")
     return _nearest_eager(x2, s, z, big).view(x.shape)
+
+
+def _epilogue(acc: Tensor, alpha_a: Tensor, col_term: Tensor, row_a: Tensor, alpha_b: Tensor,
+              scale_a: Tensor, scale_b: Tensor) -> Tensor:
+    """float32 ((acc + alpha_a col_term + row_a alpha_b) * scale_a) * scale_b: integer part exact in int32."""
+    exact = acc + alpha_a * col_term + row_a * alpha_b
+    return exact.to(torch.float32) * scale_a * scale_b
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_epilogue():
+    return torch.compile(_epilogue, dynamic=True)
+
+
+def int_gemm_epilogue(acc: Tensor, alpha_a: Tensor, col_term: Tensor, row_a: Tensor, alpha_b: Tensor,
+                      scale_a: Tensor, scale_b: Tensor, compile: bool = False) -> Tensor:
+    """The int8 GEMM's zero-point corrections and scales on its int32 (M, N) output `acc`.
+
+    alpha_a, row_a, scale_a are (M, 1) or (1, 1); col_term, alpha_b, scale_b (1, N) or (1, 1).
+    Eager: two in-place broadcast addcmuls on acc (no (M, N) temporary), then the float pass;
+    compile=True: one fused pass over acc (same integers, same float products in the same order).
+    """
+    if compile:
+        try:
+            return _compiled_epilogue()(acc, alpha_a, col_term, row_a, alpha_b, scale_a, scale_b)
+        except Exception as err:  # noqa: BLE001 (no C++ compiler, unsupported device: stay correct, eager)
+            warnings.warn(f"int_gemm_epilogue: torch.compile failed ({err!r:.200}); running eager")
+    acc.addcmul_(alpha_a, col_term)
+    acc.addcmul_(row_a, alpha_b)
+    return acc.to(torch.float32).mul_(scale_a).mul_(scale_b)

@@ -83,24 +83,32 @@ class BlockHouseholderTransform:
     coef: Tensor
     weight: Tensor
 
-    def _beta(self, y: Tensor, w: Tensor) -> Tensor:
-        """Per group id: sum over its rows of w_row * y_row, (N, K), gathered back to rows."""
-        seg = torch.zeros_like(y).index_add_(0, self.group, y * w)
-        return seg.index_select(0, self.group)
+    def _reflect_(self, y: Tensor) -> Tensor:
+        """y <- H y in place (blockwise): y - coef * (per group, sum over its rows of weight * y).
+
+        Two (N, K) temporaries (the weighted rows, reused for the gathered sums, and the segment
+        sums): on CPU each fresh gradient-sized buffer costs page faults as well as a pass.
+        """
+        t = y * self.weight
+        seg = torch.zeros_like(y).index_add_(0, self.group, t)
+        torch.index_select(seg, 0, self.group, out=t)
+        return y.addcmul_(t, self.coef, value=-1.0)
 
     def householder(self, y: Tensor) -> Tensor:
         """H y (blockwise; H = H^T = H^-1)."""
-        return torch.addcmul(y, self._beta(y, self.weight), self.coef, value=-1.0)
+        return self._reflect_(y.clone())
 
     def apply(self, x: Tensor) -> Tensor:
         """T x = H (s * x) for any (N, K) x."""
-        return torch.addcmul(
-            x * self.row_scale, self._beta(x, self.weight * self.row_scale), self.coef, value=-1.0
-        )
+        return self._reflect_(x * self.row_scale)
 
     def inverse(self, y: Tensor) -> Tensor:
         """T^-1 y = (1 / s) * (H y) for any (N, K) y."""
         return self.householder(y).div_(self.row_scale)
+
+    def inverse_(self, y: Tensor) -> Tensor:
+        """inverse(y), computed in y's own storage (for a y nothing else reads)."""
+        return self._reflect_(y).div_(self.row_scale)
 
 
 def _householder_maxabs(n: Tensor) -> Tensor:
@@ -191,7 +199,7 @@ class GradCodes:
     def dequantize(self) -> Tensor:
         v = self.grid_values()
         if self.transform is not None:
-            v = self.transform.inverse(v)
+            v = self.transform.inverse_(v)
         return v.to(self.dtype)
 
 
@@ -253,7 +261,7 @@ class _SRGradientQuantizer:
         y, scale, zero, transform = self._prepare(x)
         v = self._sr(y, scale, zero, seed, dequant=True)
         if transform is not None:
-            v = transform.inverse(v)
+            v = transform.inverse_(v)  # v is this call's own buffer
         self._record(x, transform)
         return v.to(x.dtype)
 

@@ -47,7 +47,7 @@ class QuantLayerMixin:
         self.noise = noise
         self.index = index
         self.backend = backend  # simulate | int8 | auto (fqtrun/quant/backends.py)
-        self.compile = False  # int8 backend: fuse the forward quantization with torch.compile
+        self.compile = False  # int8 backend: fuse the forward quantization and GEMM epilogues with torch.compile
         self.backend_used: dict[str, str] = {}  # what each GEMM ran in the last step (backends.backend_report)
         self.register_buffer("weight_mask", None)
         self._used: dict[str, int | None] = {s: None for s in SLOTS}

@@ -8,7 +8,6 @@ Oracles, all independent of the implementation's arithmetic:
 """
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -378,9 +377,6 @@ def test_compile_falls_back_to_eager(monkeypatch):
     assert torch.equal(y, PerSample(4)(x, 5)) and q.info()["compiled"] is False
 
 
-@pytest.mark.skipif(
-    not os.environ.get("FQTRUN_TEST_COMPILE"), reason="torch.compile takes ~10 s; set FQTRUN_TEST_COMPILE=1"
-)
 @pytest.mark.parametrize("name", ["ptq", "psq", "bhq", "per_column"])
 def test_compiled_matches_eager(name):
     # same noise; float rounding of x / scale may move a rare element by one step
