@@ -86,8 +86,16 @@ class Static:
         return self.bits
 
 
+@dataclass(frozen=True)
 class _Periodic:
-    """Checks and period T = total_steps // cycles of the schedules that repeat (Cyclic, Triangular)."""
+    """Settings, checks and period T = total_steps // cycles shared by Cyclic and Triangular."""
+
+    min_bits: int
+    max_bits: int
+    cycles: int = 32
+    _: KW_ONLY
+    total_steps: int
+    eval_bits: int | None = None
 
     def __post_init__(self) -> None:
         _check_range(self.min_bits, self.max_bits)
@@ -110,13 +118,6 @@ class Cyclic(_Periodic):
     T = total_steps // cycles; u = (t mod T) / T. Steps past cycles * T start a further,
     partial cycle, as in the reference.
     """
-
-    min_bits: int
-    max_bits: int
-    cycles: int = 32
-    _: KW_ONLY
-    total_steps: int
-    eval_bits: int | None = None
 
     def bits_at(self, step: int) -> int:
         _check_step(step)
@@ -146,13 +147,6 @@ class CosineGrowth:
 @dataclass(frozen=True)
 class Triangular(_Periodic):
     """Linear up q_min -> q_max over half a cycle, then linear down; T = total_steps // cycles."""
-
-    min_bits: int
-    max_bits: int
-    cycles: int = 32
-    _: KW_ONLY
-    total_steps: int
-    eval_bits: int | None = None
 
     def bits_at(self, step: int) -> int:
         _check_step(step)
