@@ -3,9 +3,9 @@
 simulate  fp32 GEMMs on dequantized (fake-quantized) operands: functional.FQTLinear / FQTConv.
 int8      the forward GEMM Y = X W^T, the input-gradient GEMM dX = Q(dY) W and the weight-gradient
           GEMM dW = Q(dY)^T X run as torch._int_mm on the integer codes (int8 in, int32 accumulation),
-          scales applied outside. Convolutions run as the same GEMMs on im2col columns (F.unfold /
-          F.fold) when groups == 1 and the GEMM is big enough to win (MIN_CONV_GEMM), simulate
-          otherwise. A GEMM whose operands are not both on an affine grid of <= 8 bits, or whose
+          scales applied outside. Convolutions run as the same GEMMs on im2col columns built from
+          the int8 codes (and folded back per tap) when groups == 1 and the GEMM is big enough to
+          win (MIN_CONV_GEMM), simulate otherwise. A GEMM whose operands are not both on an affine grid of <= 8 bits, or whose
           scales vary along its reduction (per-channel weights in dX), runs in fp32 on the
           dequantized codes. `backend_report(model)` says what each layer ran in its last step.
 auto      int8 for a layer whose four slots all hold quantizers of <= 8 bits, simulate otherwise.
@@ -25,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from fqtrun.quant import fused, grid
 from fqtrun.quant.quantizers import MinMaxQuantizer
@@ -223,12 +222,12 @@ def int8_forward(layer, x: Tensor) -> Tensor | None:
     return Int8Conv.apply(x, w, layer.bias, layer)
 
 
-def _activation_operand(layer, x2: Tensor, grid_of: Tensor | None = None) -> IntOperand:
-    """Slot a's per-tensor operand of x2; grid_of: the tensor whose grid to use (default x2)."""
+def _activation_operand(layer, x: Tensor) -> IntOperand:
+    """Slot a's per-tensor operand of x (any shape: the codes keep it)."""
     qa = layer.slots["a"]
     layer._used["a"] = qa.bits
-    scale, zero = grid.minmax_grid(x2 if grid_of is None else grid_of, qa.bits)
-    codes = fused.nearest_int8(x2, scale, zero, qa.bits, compile=layer.compile)
+    scale, zero = grid.minmax_grid(x, qa.bits)
+    codes = fused.nearest_int8(x, scale, zero, qa.bits, compile=layer.compile)
     return IntOperand(codes, _alpha(zero).view(1, 1), scale.float().view(1, 1))
 
 
@@ -278,6 +277,37 @@ def _conv_geometry(layer, x: Tensor):
     return x, tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation)
 
 
+def _int8_columns(xo: IntOperand, k, s, p, d) -> tuple[IntOperand, tuple[int, int]]:
+    """im2col of the activation codes, in int8: (B*Ho*Wo, C*kh*kw) rows, columns in F.unfold's order.
+
+    The codes of x (B, C, H, W) go channels-last into a buffer padded with the code of 0 (so the
+    padding is exactly 0 on the grid), windows are strided views (Tensor.unfold), and one int8
+    copy lays them out: a quarter of the bytes of an fp32 unfold, and x is quantized once, not
+    kh*kw times.
+    """
+    b, c, h, w = xo.q.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = k, s, p, d
+    padded = torch.empty((b, h + 2 * ph, w + 2 * pw, c), dtype=torch.int8, device=xo.q.device)
+    padded.copy_((-xo.alpha).to(torch.int8).view(1, 1, 1, 1).expand_as(padded))  # q of 0 = -alpha
+    padded[:, ph:ph + h, pw:pw + w] = xo.q.permute(0, 2, 3, 1)
+    win = padded.unfold(1, (kh - 1) * dh + 1, sh).unfold(2, (kw - 1) * dw + 1, sw)[..., ::dh, ::dw]
+    ho, wo = win.shape[1], win.shape[2]  # win: (B, Ho, Wo, C, kh, kw)
+    return IntOperand(win.reshape(b * ho * wo, c * kh * kw), xo.alpha, xo.scale), (ho, wo)
+
+
+def _fold_columns(dcols: Tensor, in_shape, k, s, p, d, out_spatial) -> Tensor:
+    """col2im of (B*Ho*Wo, C*kh*kw) column gradients into dX (B, C, H, W): one strided add per tap."""
+    b, c, h, w = in_shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = k, s, p, d
+    ho, wo = out_spatial
+    taps = dcols.view(b, ho, wo, c, kh, kw)
+    gpad = torch.zeros(b, h + 2 * ph, w + 2 * pw, c, dtype=dcols.dtype, device=dcols.device)
+    for i in range(kh):
+        for j in range(kw):
+            gpad[:, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw] += taps[..., i, j]
+    return gpad[:, ph:ph + h, pw:pw + w].permute(0, 3, 1, 2).contiguous()
+
+
 class Int8Conv(torch.autograd.Function):
     """Conv1d/Conv2d (groups 1) as im2col GEMMs on int8 codes; same quantized rows as FQTConv."""
 
@@ -285,20 +315,16 @@ class Int8Conv(torch.autograd.Function):
     def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None, layer) -> Tensor:
         x4, k, s, p, d = _conv_geometry(layer, x)
         b = x.shape[0]
-        cols = F.unfold(x4.float(), k, dilation=d, padding=p, stride=s)  # (B, C*k, L) zero-padded reals
-        n_pos = cols.shape[-1]
-        cols2 = cols.transpose(1, 2).reshape(b * n_pos, -1)  # (B*L, C*k), rows = output positions
         # the activation grid is the one of x (padding zeros sit on it: every grid holds 0 exactly)
-        xo = _activation_operand(layer, cols2, grid_of=x)
+        xo, out_spatial = _int8_columns(_activation_operand(layer, x4), k, s, p, d)
         wo = _weight_operand(layer, w.reshape(w.shape[0], -1))
         note: dict = {}
-        y = matmul(xo, wo.t(), note, "fwd", layer.compile)  # (B*L, C_out)
+        y = matmul(xo, wo.t(), note, "fwd", layer.compile)  # (B*Ho*Wo, C_out)
         if bias is not None:
             y.add_(bias)
-        out_spatial = _out_spatial(x4.shape[2:], k, s, p, d)
         y = y.view(b, *out_spatial, -1).movedim(-1, 1).reshape(b, -1, *(out_spatial if x.dim() == 4 else out_spatial[1:]))
         layer.backend_used = note
-        ctx.ops, ctx.layer, ctx.geom = (xo, wo), layer, (x.shape, x4.shape[2:], k, s, p, d)
+        ctx.ops, ctx.layer, ctx.geom = (xo, wo), layer, (x.shape, x4.shape, k, s, p, d, out_spatial)
         ctx.has_bias = bias is not None
         return y.contiguous()
 
@@ -306,7 +332,7 @@ class Int8Conv(torch.autograd.Function):
     def backward(ctx, gy: Tensor):
         xo, wo = ctx.ops
         layer, note = ctx.layer, ctx.layer.backend_used
-        x_shape, in_spatial, k, s, p, d = ctx.geom
+        x_shape, x4_shape, k, s, p, d, out_spatial = ctx.geom
         b, c_out = gy.shape[0], gy.shape[1]
         gy = gy.float()
         gx = gw = gb = None
@@ -319,10 +345,7 @@ class Int8Conv(torch.autograd.Function):
                 dcols = rows.dequantize() @ wo.dequantize()
             else:
                 dcols = matmul(rows, wo, note, "dx", layer.compile)  # (B*L, C*k)
-            n_pos = dcols.shape[0] // b
-            gx = F.fold(dcols.view(b, n_pos, -1).transpose(1, 2), tuple(in_spatial), k, dilation=d, padding=p,
-                        stride=s)
-            gx = gx.reshape(b, -1)
+            gx = _fold_columns(dcols, x4_shape, k, s, p, d, out_spatial).reshape(b, -1)
             if transform is not None:
                 gx = transform.inverse_(gx)
             gx = gx.reshape(x_shape)
@@ -333,10 +356,6 @@ class Int8Conv(torch.autograd.Function):
             gb = gy.sum(dim=[i for i in range(gy.dim()) if i != 1])
         ctx.ops = None
         return gx, gw, gb, None
-
-
-def _out_spatial(in_spatial, k, s, p, d) -> tuple[int, ...]:
-    return tuple((n + 2 * pi - di * (ki - 1) - 1) // si + 1 for n, ki, si, pi, di in zip(in_spatial, k, s, p, d))
 
 
 def _sample_rows_to_positions(op: IntOperand, b: int, c_out: int) -> IntOperand:

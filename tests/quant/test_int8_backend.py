@@ -155,6 +155,26 @@ def test_backends_agree_to_fp32_rounding_on_random_data(grad, granularity):
         assert report == {"0": "int8", "2": "int8"}
 
 
+@pytest.mark.parametrize("grad", ["per_sample", "householder"])
+@pytest.mark.parametrize("conv", [nn.Conv1d(5, 36, 3, stride=2, padding=2, dilation=2),
+                                  nn.Conv2d(4, 33, (3, 2), stride=(2, 1), padding=(1, 1))])
+def test_conv_backends_agree_to_fp32_rounding_on_random_data(grad, conv):
+    """Random data, per-sample or BHQ dY rows over C_out*positions: the int8 im2col/fold path gives
+    the simulate backend's output and gradients up to fp32 rounding."""
+    torch.manual_seed(6)
+    model = nn.Sequential(copy.deepcopy(conv), nn.ReLU())
+    x = torch.randn(6, conv.in_channels, *([11] * (conv.weight.dim() - 2)))
+    gy = torch.randn(model(x).shape) * torch.rand(6, *([1] * (x.dim() - 1)))  # samples of different scales
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("fqtrun.quant.backends.MIN_CONV_GEMM", 1)
+        int8_model = quantized(model, "int8", grad=grad)
+        int8 = run(int8_model, x, gy)
+        assert backend_report(int8_model) == {"0": "int8"}
+    sim = run(quantized(model, "simulate", grad=grad), x, gy)
+    for a, b in zip([sim[0], sim[1], *sim[2]], [int8[0], int8[1], *int8[2]]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+
+
 def test_auto_picks_int8_only_where_every_slot_has_at_most_8_bits():
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     x = torch.randn(8, 16)
