@@ -125,8 +125,8 @@ class Cyclic(_Periodic):
 
 
 @dataclass(frozen=True)
-class CosineGrowth:
-    """One cosine rise q_min -> q_max over the whole run (a single CPT cycle); q_max after it."""
+class _Ramp:
+    """Settings and checks shared by the schedules that rise once over the run (CosineGrowth, Linear)."""
 
     min_bits: int
     max_bits: int
@@ -138,6 +138,11 @@ class CosineGrowth:
         _check_range(self.min_bits, self.max_bits)
         _check_total(self.total_steps)
         _resolve_eval(self, self.eval_bits, self.max_bits)
+
+
+@dataclass(frozen=True)
+class CosineGrowth(_Ramp):
+    """One cosine rise q_min -> q_max over the whole run (a single CPT cycle); q_max after it."""
 
     def bits_at(self, step: int) -> int:
         _check_step(step)
@@ -157,19 +162,8 @@ class Triangular(_Periodic):
 
 
 @dataclass(frozen=True)
-class Linear:
+class Linear(_Ramp):
     """A straight rise q_min -> q_max over the run (rounded half-even); q_max after it."""
-
-    min_bits: int
-    max_bits: int
-    _: KW_ONLY
-    total_steps: int
-    eval_bits: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_range(self.min_bits, self.max_bits)
-        _check_total(self.total_steps)
-        _resolve_eval(self, self.eval_bits, self.max_bits)
 
     def bits_at(self, step: int) -> int:
         _check_step(step)
