@@ -5,9 +5,10 @@ int8      the forward GEMM Y = X W^T, the input-gradient GEMM dX = Q(dY) W and t
           GEMM dW = Q(dY)^T X run as torch._int_mm on the integer codes (int8 in, int32 accumulation),
           scales applied outside. Convolutions run as the same GEMMs on im2col columns built from
           the int8 codes (and folded back per tap) when groups == 1 and the GEMM is big enough to
-          win (MIN_CONV_GEMM), simulate otherwise. A GEMM whose operands are not both on an affine grid of <= 8 bits, or whose
-          scales vary along its reduction (per-channel weights in dX), runs in fp32 on the
-          dequantized codes. `backend_report(model)` says what each layer ran in its last step.
+          win (MIN_CONV_GEMM), simulate otherwise. A GEMM whose operands are not both on an affine
+          grid of <= 8 bits, or whose scales vary along its reduction (per-channel weights in dX),
+          runs in fp32 on the dequantized codes. `backend_report(model)` says what each layer ran
+          in its last step.
 auto      int8 for a layer whose four slots all hold quantizers of <= 8 bits, simulate otherwise.
 
 Zero points (the choice made here): the min-max and covering grids are asymmetric, codes c in
@@ -376,9 +377,8 @@ def _sample_rows_to_positions(op: IntOperand, b: int, c_out: int) -> IntOperand:
 
 
 def apply_backend(model: torch.nn.Module, backend: str, compile: bool = False) -> None:
-    """Set the compute backend (simulate | int8 | auto) of every quantized layer; compile=True fuses
-    the int8 forward quantization and GEMM epilogues with torch.compile (first use compiles, eager if that
-    fails)."""
+    """Set the compute backend (simulate | int8 | auto) of every quantized layer; compile=True fuses the
+    int8 forward quantization and GEMM epilogues with torch.compile (first use compiles, eager on failure)."""
     if backend not in BACKENDS:
         raise ValueError(f"quant.backend={backend!r} is unknown: use one of {', '.join(BACKENDS)}")
     for m in model.modules():
