@@ -83,24 +83,25 @@ class BlockHouseholderTransform:
     coef: Tensor
     weight: Tensor
 
-    def _reflect_(self, y: Tensor) -> Tensor:
-        """y <- H y in place (blockwise): y - coef * (per group, sum over its rows of weight * y).
+    def _reflect_(self, out: Tensor, y: Tensor, w: Tensor) -> Tensor:
+        """out <- out - coef * (per group, sum over its rows of w * y), in place; out = H y when w
+        weights y as H's reflection does.
 
         Two (N, K) temporaries (the weighted rows, reused for the gathered sums, and the segment
         sums): on CPU each fresh gradient-sized buffer costs page faults as well as a pass.
         """
-        t = y * self.weight
-        seg = torch.zeros_like(y).index_add_(0, self.group, t)
+        t = y * w
+        seg = torch.zeros_like(t).index_add_(0, self.group, t)
         torch.index_select(seg, 0, self.group, out=t)
-        return y.addcmul_(t, self.coef, value=-1.0)
+        return out.addcmul_(t, self.coef, value=-1.0)
 
     def householder(self, y: Tensor) -> Tensor:
         """H y (blockwise; H = H^T = H^-1)."""
-        return self._reflect_(y.clone())
+        return self._reflect_(y.clone(), y, self.weight)
 
     def apply(self, x: Tensor) -> Tensor:
         """T x = H (s * x) for any (N, K) x."""
-        return self._reflect_(x * self.row_scale)
+        return self._reflect_(x * self.row_scale, x, self.weight * self.row_scale)
 
     def inverse(self, y: Tensor) -> Tensor:
         """T^-1 y = (1 / s) * (H y) for any (N, K) y."""
@@ -108,7 +109,7 @@ class BlockHouseholderTransform:
 
     def inverse_(self, y: Tensor) -> Tensor:
         """inverse(y), computed in y's own storage (for a y nothing else reads)."""
-        return self._reflect_(y).div_(self.row_scale)
+        return self._reflect_(y, y, self.weight).div_(self.row_scale)
 
 
 def _householder_maxabs(n: Tensor) -> Tensor:
