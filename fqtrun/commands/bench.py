@@ -30,6 +30,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from rich.table import Table
 from torch import nn
 
+from fqtrun.allocator import keep_freed_memory
 from fqtrun.commands.common import run_reporting_errors, write_json
 from fqtrun.config import register_configs
 from fqtrun.errors import ConfigError
@@ -243,7 +244,8 @@ def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
                        torch.randint(0, s.classes, (cfg.batch_size,), generator=g)),
             "cnn": (torch.randn(s.cnn_batch, s.cnn_in_channels, s.cnn_length, generator=g),
                     torch.randint(0, s.classes, (s.cnn_batch,), generator=g))}
-    result: dict = {"load_before": os.getloadavg(), "malloc": os.environ.get("FQTRUN_MALLOC") or "kept (fqtrun.allocator)",
+    malloc = "kept (fqtrun.allocator)" if keep_freed_memory() else "system"  # idempotent; the CLI set it already
+    result: dict = {"load_before": os.getloadavg(), "malloc": malloc,
                     "settings": OmegaConf.to_container(OmegaConf.structured(s)),
                     "batch_size": cfg.batch_size, "torch": torch.__version__, "runs": []}
     threads_before = torch.get_num_threads()
