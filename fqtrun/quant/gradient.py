@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fqtrun.quant import native
 from fqtrun.quant.grid import covering_grid, covering_grid_from_range, sr_quantize, sr_quantize_compiled
 
 Tensor = torch.Tensor
@@ -83,33 +84,43 @@ class BlockHouseholderTransform:
     coef: Tensor
     weight: Tensor
 
-    def _reflect_(self, out: Tensor, y: Tensor, w: Tensor) -> Tensor:
-        """out <- out - coef * (per group, sum over its rows of w * y), in place; out = H y when w
-        weights y as H's reflection does.
+    def _reflect(self, out: Tensor | None, y: Tensor, w: Tensor, pre: Tensor | None = None,
+                 post: Tensor | None = None) -> Tensor:
+        """(pre * y - coef * (per group, sum over its rows of w * y)) / post, into out (None: new).
 
-        Two (N, K) temporaries (the weighted rows, reused for the gathered sums, and the segment
-        sums): on CPU each fresh gradient-sized buffer costs page faults as well as a pass.
+        H y is w = weight (pre, post absent). On CPU one C kernel (quant/native.py); elsewhere, or
+        without a compiler, the same operations in torch: two (N, K) temporaries (the weighted rows,
+        reused for the gathered sums, and the segment sums).
         """
+        if out is None:
+            out = torch.empty_like(y)
+        if native.reflect(out, y, self.group, w, self.coef, pre, post) is not None:
+            return out
         t = y * w
         seg = torch.zeros_like(t).index_add_(0, self.group, t)
         torch.index_select(seg, 0, self.group, out=t)
-        return out.addcmul_(t, self.coef, value=-1.0)
+        if pre is not None:
+            torch.mul(y, pre, out=out)
+        elif out is not y:
+            out.copy_(y)
+        out.addcmul_(t, self.coef, value=-1.0)
+        return out if post is None else out.div_(post)
 
     def householder(self, y: Tensor) -> Tensor:
         """H y (blockwise; H = H^T = H^-1)."""
-        return self._reflect_(y.clone(), y, self.weight)
+        return self._reflect(None, y, self.weight)
 
     def apply(self, x: Tensor) -> Tensor:
         """T x = H (s * x) for any (N, K) x."""
-        return self._reflect_(x * self.row_scale, x, self.weight * self.row_scale)
+        return self._reflect(None, x, self.weight * self.row_scale, pre=self.row_scale)
 
     def inverse(self, y: Tensor) -> Tensor:
         """T^-1 y = (1 / s) * (H y) for any (N, K) y."""
-        return self.householder(y).div_(self.row_scale)
+        return self._reflect(None, y, self.weight, post=self.row_scale)
 
     def inverse_(self, y: Tensor) -> Tensor:
         """inverse(y), computed in y's own storage (for a y nothing else reads)."""
-        return self._reflect_(y, y, self.weight).div_(self.row_scale)
+        return self._reflect(y, y, self.weight, post=self.row_scale)
 
 
 def _householder_maxabs(n: Tensor) -> Tensor:
