@@ -268,12 +268,15 @@ class _SRGradientQuantizer:
         self._record(x, transform)
         return GradCodes(codes, scale, zero, self.bits, x.dtype, transform)
 
+    def _dequantized(self, y: Tensor, scale: Tensor, zero: Tensor, transform, seed: int) -> Tensor:
+        """T^-1 ((SR codes of y - zero) * scale)."""
+        v = self._sr(y, scale, zero, seed, dequant=True)
+        return v if transform is None else transform.inverse_(v)  # v is this call's own buffer
+
     def __call__(self, x: Tensor, seed: int) -> Tensor:
         """quantize(x, seed).dequantize(), fused (same values)."""
         y, scale, zero, transform = self._prepare(x)
-        v = self._sr(y, scale, zero, seed, dequant=True)
-        if transform is not None:
-            v = transform.inverse_(v)  # v is this call's own buffer
+        v = self._dequantized(y, scale, zero, transform, seed)
         self._record(x, transform)
         return v.to(x.dtype)
 
@@ -342,6 +345,15 @@ class BlockHouseholder(_SRGradientQuantizer):
         lo, hi = y.amin(dim=1, keepdim=True), y.amax(dim=1, keepdim=True)
         scale, zero = covering_grid_from_range(lo, hi, self.bits)
         return y, scale, zero, transform
+
+    def _dequantized(self, y: Tensor, scale: Tensor, zero: Tensor, transform, seed: int) -> Tensor:
+        """On CPU the SR pass and T^-1 as one C kernel (the eager path's values); else as the base."""
+        if transform is not None:
+            v = native.sr_inverse(y, scale, zero, self.bits, seed, transform.group, transform.weight,
+                                  transform.coef, transform.row_scale)
+            if v is not None:
+                return v
+        return super()._dequantized(y, scale, zero, transform, seed)
 
 
 GRADIENT_QUANTIZERS: dict[str, type[_SRGradientQuantizer]] = {

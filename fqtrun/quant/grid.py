@@ -84,7 +84,7 @@ def mix_seed(*ints: int) -> int:
     return h & _M63
 
 
-def _seed_keys(seed: int) -> tuple[int, int]:
+def seed_keys(seed: int) -> tuple[int, int]:
     """Two 32-bit keys (input key, output key) for the element hash."""
     if not isinstance(seed, int):
         raise ValueError(  # noqa: TRY004 (project rule: bad settings raise ValueError)
@@ -126,7 +126,7 @@ def uniform_noise(shape, seed: int, device=None) -> Tensor:
     (seed, i), so any sub-tensor of the same flat layout sees the same values.
     """
     shape = torch.Size([shape]) if isinstance(shape, int) else torch.Size(shape)
-    k1, k2 = _seed_keys(seed)
+    k1, k2 = seed_keys(seed)
     return _noise_range(0, shape.numel(), k1, k2, device).view(shape)
 
 
@@ -206,7 +206,7 @@ def sr_quantize(
     blocks of rows on CPU (one block elsewhere); scale and zero broadcast against x.
     """
     big = float(levels(bits))
-    k1, k2 = _seed_keys(seed)
+    k1, k2 = seed_keys(seed)
     xf = x.float()
     if xf.dim() == 0:
         xf = xf.view(1)
@@ -274,7 +274,7 @@ def sr_quantize_compiled(
     B passed as a tensor (dynamo specialises on Python floats), so grad mode, input dtype and
     bits add no graphs: each variant holds one graph per grid shape (tensor, row, column).
     """
-    k1, k2 = _seed_keys(seed)
+    k1, k2 = seed_keys(seed)
     keys = torch.tensor([k1, k2], dtype=torch.int64, device=x.device)
     big = torch.tensor(float(levels(bits)), device=x.device)
     with torch.no_grad():

@@ -1,16 +1,20 @@
-"""BHQ's blockwise Householder reflection as one C kernel, built with the machine's C compiler.
+"""BHQ's blockwise Householder reflection, and its SR pass with the inverse, as C kernels built with
+the machine's C compiler.
 
-out = pre * y - coef * S(w * y), then / post, where S sums the rows of each group and hands each
-row its group's sum (spec/fqt.md, BHQ: H y = y - c (weight^T y) per group). In torch this is four
-passes and two gradient-sized temporaries (multiply, index_add_, index_select, addcmul_); here it
-is one kernel over column blocks whose group sums stay in cache, parallel over the blocks.
+reflect: out = (pre * y - coef * S(w * y)) / post, where S sums the rows of each group and hands
+each row its group's sum (spec/fqt.md, BHQ: H y = y - c (weight^T y) per group). In torch this is
+four passes and two gradient-sized temporaries (multiply, index_add_, index_select, addcmul_);
+here it is one kernel over column blocks whose group sums stay in cache, parallel over the blocks.
+sr_inverse: grid.sr_quantize's stochastic rounding (same counter-based noise) and dequantization,
+then T^-1 with the same reflection, in one pass over the gradient.
 
-It makes the same float operations in the same order as the torch form (products, then sums in
-row order, and the final multiply-subtract fused with one rounding, as torch's addcmul_ does on
-CPUs with FMA), so on such CPUs both give the same values bit for bit. The library is compiled on
-first use (about a second), cached under ~/.cache/fqtrun/native keyed by the source, compiler
-and machine, and loaded with ctypes. Without a compiler, or for tensors the kernel does not take
-(not CPU float32), `reflect` returns None and the caller runs the torch form.
+Both make the same float operations in the same order as the torch path (products, then sums in
+row order, the multiply-adds fused with one rounding as torch's addcmul_ does on CPUs with FMA),
+so on such CPUs they give the same values bit for bit. The library is compiled on first use
+(about a second), cached under ~/.cache/fqtrun/native keyed by the source, compiler and CPU (it
+is built for the CPU's own vector units), and loaded with ctypes. Without a compiler, or for
+tensors the kernels do not take (not plain contiguous CPU float32), the functions return None
+and the caller runs the torch path.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from fqtrun.quant.grid import levels, seed_keys
 
 Tensor = torch.Tensor
 
@@ -85,18 +91,87 @@ int bhq_reflect(const float *y, float *out, const int64_t *group, const float *w
     }
     return failed ? -1 : 0;
 }
+
+/* grid.uniform_noise of flat element i < 2^32: lowbias32(i ^ k1) ^ k2, top 24 bits times 2^-24
+   (32-bit arithmetic: the int64 form keeps only the low 32 bits of every product). */
+static inline float noise_at(uint32_t i, uint32_t k1, uint32_t k2) {
+    uint32_t h = i ^ k1;
+    h ^= h >> 16;
+    h *= 0x7FEB352DU;
+    h ^= h >> 15;
+    h *= 0x846CA68BU;
+    h ^= h >> 16;
+    h ^= k2;
+    return (float)(int32_t)(h >> 8) * 0x1p-24f;
+}
+
+/* BHQ's dequantized output in one kernel: v = (SR(fma(y, inv, zero)) - zero) * scale with the
+   per-row grid (grid.sr_quantize, eager), then out = fma(-S(w v), coef, v) / post (the inverse
+   transform, as bhq_reflect). out may be y. Returns 0, or -1 when out of memory. */
+int bhq_sr_inverse(const float *y, float *out, const int64_t *group, const float *w, const float *coef,
+                   const float *post, const float *inv, const float *zero, const float *scale, float big,
+                   uint32_t k1, uint32_t k2, int64_t n, int64_t k, int nthreads) {
+    int64_t nblocks = (k + BLOCK - 1) / BLOCK;
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float *seg = (float *)malloc(sizeof(float) * (size_t)n * BLOCK);
+        if (!seg) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < nblocks; b++) {
+            if (!seg) continue;
+            int64_t c0 = b * BLOCK, m = (k - c0 < BLOCK) ? k - c0 : BLOCK;
+            for (int64_t r = 0; r < n; r++) memset(seg + group[r] * BLOCK, 0, sizeof(float) * m);
+            for (int64_t r = 0; r < n; r++) {
+                const float *restrict yr = y + r * k + c0;
+                float *restrict outr = out + r * k + c0;
+                float *restrict sr = seg + group[r] * BLOCK;
+                const float ir = inv[r], zr = zero[r], qr = scale[r], wr = w[r];
+                const uint32_t base = (uint32_t)(r * k + c0);
+                for (int32_t c = 0; c < (int32_t)m; c++) {
+                    float u = fmaf(yr[c], ir, zr);
+                    u = u < 0.0f ? 0.0f : (u > big ? big : u);
+                    float f = floorf(u);
+                    float code = f + (noise_at(base + (uint32_t)c, k1, k2) < u - f ? 1.0f : 0.0f);
+                    float v = (code - zr) * qr;
+                    outr[c] = v;
+                    float t = v * wr;
+                    sr[c] = sr[c] + t;
+                }
+            }
+            for (int64_t r = 0; r < n; r++) {
+                float *outr = out + r * k + c0;
+                const float *sr = seg + group[r] * BLOCK;
+                const float cr = coef[r], pr = post[r];
+                for (int64_t c = 0; c < m; c++) outr[c] = fmaf(-sr[c], cr, outr[c]) / pr;
+            }
+        }
+        free(seg);
+    }
+    return failed ? -1 : 0;
+}
 """
 
-def _flags() -> list[str]:
-    """No contraction but the explicit fmaf; hardware FMA where the CPU says it has it (else libm's)."""
-    flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC"]
+def _cpu_flags() -> list[str]:
+    """This CPU's feature flags (/proc/cpuinfo), part of the cache key since the build targets it."""
     try:
         cpu = Path("/proc/cpuinfo").read_text()
     except OSError:
-        cpu = ""
-    cpu_flags = next((line.split() for line in cpu.splitlines() if line.startswith("flags")), [])
-    if platform.machine() == "x86_64" and "fma" in cpu_flags:
-        flags.append("-mfma")
+        return []
+    return next((line.split(":", 1)[-1].split() for line in cpu.splitlines() if line.startswith("flags")), [])
+
+
+def _flags() -> list[str]:
+    """Built for this CPU (its vector units, hardware FMA where it has it, else libm's fmaf); no
+    contraction of a * b + c beyond the explicit fmaf, so the roundings are the torch form's."""
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-shared", "-fPIC"]
+    if platform.machine() == "x86_64":
+        flags.append("-march=native")
+        if "fma" in _cpu_flags():
+            flags.append("-mfma")
     return flags
 
 
@@ -117,7 +192,8 @@ def _library() -> ctypes.CDLL | None:
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
         flags = _flags()
-        key = hashlib.sha256("\0".join([_SOURCE, *flags, version, platform.machine()]).encode()).hexdigest()[:16]
+        parts = [_SOURCE, *flags, version, platform.machine(), *_cpu_flags()]
+        key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
         path = _cache_dir() / f"bhq_reflect-{key}.so"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,9 +204,11 @@ def _library() -> ctypes.CDLL | None:
                                text=True, timeout=120)
                 os.replace(lib, path)  # atomic: parallel sweep jobs may build it at the same time
         so = ctypes.CDLL(str(path))
-        fn = so.bhq_reflect
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        so.bhq_reflect.restype = ctypes.c_int
+        so.bhq_reflect.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        so.bhq_sr_inverse.restype = ctypes.c_int
+        so.bhq_sr_inverse.argtypes = ([ctypes.c_void_p] * 9 + [ctypes.c_float, ctypes.c_uint32, ctypes.c_uint32,
+                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int])
         return so
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", "") or err
@@ -142,6 +220,28 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _takes(out: Tensor, y: Tensor, group: Tensor, vectors: list[Tensor]) -> bool:
+    """Whether the kernels can run on these: plain contiguous CPU float32 (N, K) with (N, 1) vectors.
+
+    Fake/meta tensors (tracing, shape checks) and subclasses have no real data; the kernels are
+    invisible to autograd.
+    """
+    if not all(type(t) is torch.Tensor and t.device.type == "cpu" for t in (out, y, group, *vectors)):
+        return False
+    if y.dtype != torch.float32 or out.dtype != torch.float32 or group.dtype != torch.int64 or y.dim() != 2:
+        return False
+    if not (y.is_contiguous() and out.is_contiguous() and out.shape == y.shape and group.is_contiguous()):
+        return False
+    if any(v.dtype != torch.float32 or v.numel() != y.shape[0] or not v.is_contiguous() for v in vectors):
+        return False
+    return not (torch.is_grad_enabled() and (y.requires_grad or out.requires_grad))
+
+
+def _check(rc: int, name: str) -> None:
+    if rc != 0:
+        raise MemoryError(f"{name}: out of memory for its group sums")
+
+
 def reflect(out: Tensor, y: Tensor, group: Tensor, w: Tensor, coef: Tensor,
             pre: Tensor | None = None, post: Tensor | None = None) -> Tensor | None:
     """out <- (pre * y - coef * S(w * y)) / post with the C kernel; None when it cannot run here.
@@ -149,23 +249,32 @@ def reflect(out: Tensor, y: Tensor, group: Tensor, w: Tensor, coef: Tensor,
     y, out: (N, K) float32; group: (N,) int64 group ids in 0..N-1; w, coef, pre, post: (N, 1)
     float32 (pre, post optional). out may be y itself.
     """
-    vectors = [w, coef, *(v for v in (pre, post) if v is not None)]
-    # plain CPU tensors only: fake/meta tensors (tracing, shape checks) and subclasses have no real data
-    if not all(type(t) is torch.Tensor and t.device.type == "cpu" for t in (out, y, group, *vectors)):
+    if not _takes(out, y, group, [w, coef, *(v for v in (pre, post) if v is not None)]):
         return None
-    if y.dtype != torch.float32 or out.dtype != torch.float32 or group.dtype != torch.int64 or y.dim() != 2:
-        return None
-    if not (y.is_contiguous() and out.is_contiguous() and out.shape == y.shape and group.is_contiguous()):
-        return None
-    if any(v.dtype != torch.float32 or v.numel() != y.shape[0] or not v.is_contiguous() for v in vectors):
-        return None
-    if torch.is_grad_enabled() and (y.requires_grad or out.requires_grad):
-        return None  # the kernel is invisible to autograd
     lib = _library()
     if lib is None:
         return None
-    rc = lib.bhq_reflect(_ptr(y), _ptr(out), _ptr(group), _ptr(w), _ptr(coef), _ptr(pre), _ptr(post),
-                         y.shape[0], y.shape[1], torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("bhq_reflect: out of memory for its group sums")
+    _check(lib.bhq_reflect(_ptr(y), _ptr(out), _ptr(group), _ptr(w), _ptr(coef), _ptr(pre), _ptr(post),
+                           y.shape[0], y.shape[1], torch.get_num_threads()), "bhq_reflect")
+    return out
+
+
+def sr_inverse(y: Tensor, scale: Tensor, zero: Tensor, bits: int, seed: int, group: Tensor,
+               w: Tensor, coef: Tensor, post: Tensor) -> Tensor | None:
+    """grid.sr_quantize(y, scale, zero, bits, seed, dequant=True) followed by BHQ's inverse transform
+    (w, coef, post as in reflect), in one pass; None when the kernel cannot run here.
+
+    scale, zero: (N, 1) per-row grid. Same values as the eager torch path (its noise, its roundings).
+    """
+    k1, k2 = seed_keys(seed)
+    out = torch.empty_like(y)
+    inv = torch.reciprocal(scale)
+    if not _takes(out, y, group, [w, coef, post, inv, zero, scale]) or y.numel() >= 2**32:
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    _check(lib.bhq_sr_inverse(_ptr(y), _ptr(out), _ptr(group), _ptr(w), _ptr(coef), _ptr(post), _ptr(inv),
+                              _ptr(zero), _ptr(scale), float(levels(bits)), k1, k2, y.shape[0], y.shape[1],
+                              torch.get_num_threads()), "bhq_sr_inverse")
     return out

@@ -12,6 +12,7 @@ import torch
 
 from fqtrun.quant import native
 from fqtrun.quant.gradient import block_householder_transform, make_gradient_quantizer
+from fqtrun.quant.grid import covering_grid, sr_quantize
 
 
 def transform_and_input(n: int, k: int, seed: int):
@@ -36,11 +37,27 @@ def test_kernel_equals_the_torch_form(n, k, monkeypatch):
     q = make_gradient_quantizer("bhq", 4)
     fast = [t.apply(x), t.householder(x), t.inverse(x), t.inverse_(x.clone()), q(x, 9)]
     monkeypatch.setattr(native, "reflect", lambda *args, **kwargs: None)
+    monkeypatch.setattr(native, "sr_inverse", lambda *args, **kwargs: None)
     slow = [t.apply(x), t.householder(x), t.inverse(x), t.inverse_(x.clone()), q(x, 9)]
     for a, b in zip(fast[:4], slow[:4]):
         assert same(a, b)
-    if "-mfma" in native._flags():  # same transform bit for bit, so the same SR codes and output
+    if "-mfma" in native._flags():  # SR noise, roundings and T^-1 as the torch path: the same output
         assert torch.equal(fast[4], slow[4])
+    else:
+        torch.testing.assert_close(fast[4], slow[4], rtol=0, atol=float(slow[4].abs().max()) * 2**-3)
+
+
+@pytest.mark.parametrize("bits", [2, 5, 8])
+def test_fused_sr_and_inverse_equal_the_two_torch_passes(bits, monkeypatch):
+    if native._library() is None:
+        pytest.skip("no C compiler here: the torch form is what runs")
+    t, x = transform_and_input(48, 200, seed=bits)
+    y = t.apply(x)
+    scale, zero = covering_grid(y, bits, keep_dim=0)
+    fused = native.sr_inverse(y, scale, zero, bits, 11, t.group, t.weight, t.coef, t.row_scale)
+    monkeypatch.setattr(native, "reflect", lambda *args, **kwargs: None)
+    ref = t.inverse(sr_quantize(y, scale, zero, bits, 11, dequant=True))  # eager torch SR, same noise
+    assert same(fused, ref)
 
 
 def test_kernel_declines_what_it_cannot_take():
