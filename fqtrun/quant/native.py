@@ -44,13 +44,32 @@ _SOURCE = r"""
 
 #define BLOCK 128  /* columns per block: the block's group sums (n x BLOCK floats) stay in cache */
 
-/* out[r, c] = fma(-seg[group[r], c], coef[r], pre[r] * y[r, c]) / post[r] for a (n, k) row-major y
-   (one rounding for the multiply-subtract, as torch's addcmul_),
-   seg[g, c] = sum over rows r of group g, in row order, of w[r] * y[r, c]; pre / post may be NULL
-   (factor 1). out may be y. Returns 0, or -1 when out of memory. */
-int bhq_reflect(const float *y, float *out, const int64_t *group, const float *w, const float *coef,
-                const float *pre, const float *post, int64_t n, int64_t k, int nthreads) {
+/* grid.uniform_noise of flat element i < 2^32: lowbias32(i ^ k1) ^ k2, top 24 bits times 2^-24
+   (32-bit arithmetic: the int64 form keeps only the low 32 bits of every product). */
+static inline float noise_at(uint32_t i, uint32_t k1, uint32_t k2) {
+    uint32_t h = i ^ k1;
+    h ^= h >> 16;
+    h *= 0x7FEB352DU;
+    h ^= h >> 15;
+    h *= 0x846CA68BU;
+    h ^= h >> 16;
+    h ^= k2;
+    return (float)(int32_t)(h >> 8) * 0x1p-24f;
+}
+
+/* For a (n, k) row-major y, over blocks of BLOCK columns:
+   - without a grid (inv == NULL): x = y;
+     with one: x = (SR(fma(y, inv, zero)) - zero) * scale, per-row grid and noise_at (grid.sr_quantize,
+     eager), stored in out;
+   - seg[g, c] = sum over the rows r of group g, in row order, of w[r] * x[r, c];
+   - out[r, c] = fma(-seg[group[r], c], coef[r], pre[r] * x[r, c]) / post[r] (one rounding for the
+     multiply-subtract, as torch's addcmul_); pre / post may be NULL (factor 1).
+   out may be y. Returns 0, or -1 when out of memory. */
+int bhq_kernel(const float *y, float *out, const int64_t *group, const float *w, const float *coef,
+               const float *pre, const float *post, const float *inv, const float *zero, const float *scale,
+               float big, uint32_t k1, uint32_t k2, int64_t n, int64_t k, int nthreads) {
     int64_t nblocks = (k + BLOCK - 1) / BLOCK;
+    const float *x = inv ? out : y;
     int failed = 0;
     #pragma omp parallel num_threads(nthreads)
     {
@@ -68,85 +87,39 @@ int bhq_reflect(const float *y, float *out, const int64_t *group, const float *w
                 const float *yr = y + r * k + c0;
                 float *sr = seg + group[r] * BLOCK;
                 const float wr = w[r];
-                for (int64_t c = 0; c < m; c++) { float t = yr[c] * wr; sr[c] = sr[c] + t; }
+                if (inv) {
+                    float *outr = out + r * k + c0;
+                    const float ir = inv[r], zr = zero[r], qr = scale[r];
+                    const uint32_t base = (uint32_t)(r * k + c0);
+                    for (int32_t c = 0; c < (int32_t)m; c++) {
+                        float u = fmaf(yr[c], ir, zr);
+                        u = u < 0.0f ? 0.0f : (u > big ? big : u);
+                        float f = floorf(u);
+                        float code = f + (noise_at(base + (uint32_t)c, k1, k2) < u - f ? 1.0f : 0.0f);
+                        float v = (code - zr) * qr;
+                        outr[c] = v;
+                        float t = v * wr;
+                        sr[c] = sr[c] + t;
+                    }
+                } else {
+                    for (int64_t c = 0; c < m; c++) { float t = yr[c] * wr; sr[c] = sr[c] + t; }
+                }
             }
             for (int64_t r = 0; r < n; r++) {
-                const float *yr = y + r * k + c0;
+                const float *xr = x + r * k + c0;
                 float *outr = out + r * k + c0;
                 const float *sr = seg + group[r] * BLOCK;
                 const float cr = coef[r];
                 if (pre) {
                     const float pr = pre[r];
-                    for (int64_t c = 0; c < m; c++) { float v = yr[c] * pr; outr[c] = fmaf(-sr[c], cr, v); }
+                    for (int64_t c = 0; c < m; c++) { float v = xr[c] * pr; outr[c] = fmaf(-sr[c], cr, v); }
                 } else {
-                    for (int64_t c = 0; c < m; c++) outr[c] = fmaf(-sr[c], cr, yr[c]);
+                    for (int64_t c = 0; c < m; c++) outr[c] = fmaf(-sr[c], cr, xr[c]);
                 }
                 if (post) {
                     const float q = post[r];
                     for (int64_t c = 0; c < m; c++) outr[c] = outr[c] / q;
                 }
-            }
-        }
-        free(seg);
-    }
-    return failed ? -1 : 0;
-}
-
-/* grid.uniform_noise of flat element i < 2^32: lowbias32(i ^ k1) ^ k2, top 24 bits times 2^-24
-   (32-bit arithmetic: the int64 form keeps only the low 32 bits of every product). */
-static inline float noise_at(uint32_t i, uint32_t k1, uint32_t k2) {
-    uint32_t h = i ^ k1;
-    h ^= h >> 16;
-    h *= 0x7FEB352DU;
-    h ^= h >> 15;
-    h *= 0x846CA68BU;
-    h ^= h >> 16;
-    h ^= k2;
-    return (float)(int32_t)(h >> 8) * 0x1p-24f;
-}
-
-/* BHQ's dequantized output in one kernel: v = (SR(fma(y, inv, zero)) - zero) * scale with the
-   per-row grid (grid.sr_quantize, eager), then out = fma(-S(w v), coef, v) / post (the inverse
-   transform, as bhq_reflect). out may be y. Returns 0, or -1 when out of memory. */
-int bhq_sr_inverse(const float *y, float *out, const int64_t *group, const float *w, const float *coef,
-                   const float *post, const float *inv, const float *zero, const float *scale, float big,
-                   uint32_t k1, uint32_t k2, int64_t n, int64_t k, int nthreads) {
-    int64_t nblocks = (k + BLOCK - 1) / BLOCK;
-    int failed = 0;
-    #pragma omp parallel num_threads(nthreads)
-    {
-        float *seg = (float *)malloc(sizeof(float) * (size_t)n * BLOCK);
-        if (!seg) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp for schedule(static)
-        for (int64_t b = 0; b < nblocks; b++) {
-            if (!seg) continue;
-            int64_t c0 = b * BLOCK, m = (k - c0 < BLOCK) ? k - c0 : BLOCK;
-            for (int64_t r = 0; r < n; r++) memset(seg + group[r] * BLOCK, 0, sizeof(float) * m);
-            for (int64_t r = 0; r < n; r++) {
-                const float *restrict yr = y + r * k + c0;
-                float *restrict outr = out + r * k + c0;
-                float *restrict sr = seg + group[r] * BLOCK;
-                const float ir = inv[r], zr = zero[r], qr = scale[r], wr = w[r];
-                const uint32_t base = (uint32_t)(r * k + c0);
-                for (int32_t c = 0; c < (int32_t)m; c++) {
-                    float u = fmaf(yr[c], ir, zr);
-                    u = u < 0.0f ? 0.0f : (u > big ? big : u);
-                    float f = floorf(u);
-                    float code = f + (noise_at(base + (uint32_t)c, k1, k2) < u - f ? 1.0f : 0.0f);
-                    float v = (code - zr) * qr;
-                    outr[c] = v;
-                    float t = v * wr;
-                    sr[c] = sr[c] + t;
-                }
-            }
-            for (int64_t r = 0; r < n; r++) {
-                float *outr = out + r * k + c0;
-                const float *sr = seg + group[r] * BLOCK;
-                const float cr = coef[r], pr = post[r];
-                for (int64_t c = 0; c < m; c++) outr[c] = fmaf(-sr[c], cr, outr[c]) / pr;
             }
         }
         free(seg);
@@ -194,21 +167,19 @@ def _library() -> ctypes.CDLL | None:
         flags = _flags()
         parts = [_SOURCE, *flags, version, platform.machine(), *_cpu_flags()]
         key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-        path = _cache_dir() / f"bhq_reflect-{key}.so"
+        path = _cache_dir() / f"bhq-{key}.so"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                src, lib = Path(tmp) / "bhq_reflect.c", Path(tmp) / "bhq_reflect.so"
+                src, lib = Path(tmp) / "bhq.c", Path(tmp) / "bhq.so"
                 src.write_text(_SOURCE)
                 subprocess.run([cc, *flags, str(src), "-o", str(lib), "-lm"], check=True, capture_output=True,
                                text=True, timeout=120)
                 os.replace(lib, path)  # atomic: parallel sweep jobs may build it at the same time
         so = ctypes.CDLL(str(path))
-        so.bhq_reflect.restype = ctypes.c_int
-        so.bhq_reflect.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-        so.bhq_sr_inverse.restype = ctypes.c_int
-        so.bhq_sr_inverse.argtypes = ([ctypes.c_void_p] * 9 + [ctypes.c_float, ctypes.c_uint32, ctypes.c_uint32,
-                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int])
+        so.bhq_kernel.restype = ctypes.c_int
+        so.bhq_kernel.argtypes = ([ctypes.c_void_p] * 10 + [ctypes.c_float, ctypes.c_uint32, ctypes.c_uint32,
+                                  ctypes.c_int64, ctypes.c_int64, ctypes.c_int])
         return so
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", "") or err
@@ -237,9 +208,9 @@ def _takes(out: Tensor, y: Tensor, group: Tensor, vectors: list[Tensor]) -> bool
     return not (torch.is_grad_enabled() and (y.requires_grad or out.requires_grad))
 
 
-def _check(rc: int, name: str) -> None:
+def _check(rc: int) -> None:
     if rc != 0:
-        raise MemoryError(f"{name}: out of memory for its group sums")
+        raise MemoryError("bhq_kernel: out of memory for its group sums")
 
 
 def reflect(out: Tensor, y: Tensor, group: Tensor, w: Tensor, coef: Tensor,
@@ -254,8 +225,8 @@ def reflect(out: Tensor, y: Tensor, group: Tensor, w: Tensor, coef: Tensor,
     lib = _library()
     if lib is None:
         return None
-    _check(lib.bhq_reflect(_ptr(y), _ptr(out), _ptr(group), _ptr(w), _ptr(coef), _ptr(pre), _ptr(post),
-                           y.shape[0], y.shape[1], torch.get_num_threads()), "bhq_reflect")
+    _check(lib.bhq_kernel(_ptr(y), _ptr(out), _ptr(group), _ptr(w), _ptr(coef), _ptr(pre), _ptr(post),
+                          None, None, None, 0.0, 0, 0, y.shape[0], y.shape[1], torch.get_num_threads()))
     return out
 
 
@@ -274,7 +245,7 @@ def sr_inverse(y: Tensor, scale: Tensor, zero: Tensor, bits: int, seed: int, gro
     lib = _library()
     if lib is None:
         return None
-    _check(lib.bhq_sr_inverse(_ptr(y), _ptr(out), _ptr(group), _ptr(w), _ptr(coef), _ptr(post), _ptr(inv),
-                              _ptr(zero), _ptr(scale), float(levels(bits)), k1, k2, y.shape[0], y.shape[1],
-                              torch.get_num_threads()), "bhq_sr_inverse")
+    _check(lib.bhq_kernel(_ptr(y), _ptr(out), _ptr(group), _ptr(w), _ptr(coef), None, _ptr(post), _ptr(inv),
+                          _ptr(zero), _ptr(scale), float(levels(bits)), k1, k2, y.shape[0], y.shape[1],
+                          torch.get_num_threads()))
     return out

@@ -75,7 +75,7 @@ def test_build_is_cached_and_a_missing_compiler_falls_back(tmp_path, monkeypatch
     native._library.cache_clear()
     try:
         if native._library() is not None:  # a compiler is here: the library lands in the cache
-            assert len(list((tmp_path / "cache").glob("bhq_reflect-*.so"))) == 1
+            assert len(list((tmp_path / "cache").glob("bhq-*.so"))) == 1
         native._library.cache_clear()
         monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
         monkeypatch.setenv("FQTRUN_NATIVE_CACHE", str(tmp_path / "other"))
