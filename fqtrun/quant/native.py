@@ -128,6 +128,7 @@ int bhq_kernel(const float *y, float *out, const int64_t *group, const float *w,
 }
 """
 
+@functools.cache
 def _cpu_flags() -> list[str]:
     """This CPU's feature flags (/proc/cpuinfo), part of the cache key since the build targets it."""
     try:
@@ -237,14 +238,13 @@ def sr_inverse(y: Tensor, scale: Tensor, zero: Tensor, bits: int, seed: int, gro
 
     scale, zero: (N, 1) per-row grid. Same values as the eager torch path (its noise, its roundings).
     """
-    k1, k2 = seed_keys(seed)
-    out = torch.empty_like(y)
-    inv = torch.reciprocal(scale)
-    if not _takes(out, y, group, [w, coef, post, inv, zero, scale]) or y.numel() >= 2**32:
+    if not _takes(y, y, group, [w, coef, post, zero, scale]) or y.numel() >= 2**32:
         return None
     lib = _library()
     if lib is None:
         return None
+    k1, k2 = seed_keys(seed)
+    out, inv = torch.empty_like(y), torch.reciprocal(scale)  # only once the kernel will run
     _check(lib.bhq_kernel(_ptr(y), _ptr(out), _ptr(group), _ptr(w), _ptr(coef), None, _ptr(post), _ptr(inv),
                           _ptr(zero), _ptr(scale), float(levels(bits)), k1, k2, y.shape[0], y.shape[1],
                           torch.get_num_threads()))
