@@ -1,19 +1,23 @@
 """Typed schemas of every command's config, registered with Hydra's ConfigStore.
 
 A misspelt key or a value of the wrong type fails while Hydra composes the config, naming
-the key. Range checks that types cannot express live in `validate_train`, which raises
-ConfigError with one line naming the setting and the fix.
+the key. Range checks that types cannot express live in `validate_train` (and in the objects
+the groups instantiate), which raise ConfigError with one line naming the setting and the fix.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import MISSING
 
 from fqtrun.errors import ConfigError
+from fqtrun.quant.bits import check_bits
 from fqtrun.quant.recipe import QuantConfig
 
 
@@ -46,14 +50,28 @@ class AdamConfig:
     weight_decay: float = 0.0
 
 
+# ----- learning-rate schedules (group lr: instantiate(cfg.lr)(total_steps=..., steps_per_epoch=...)) ---------
 @dataclass
-class LRConfig:
-    """Learning-rate schedule (group lr): per-step, with linear warm-up."""
+class ConstantLR:
+    _target_: str = "fqtrun.training.lr.constant"
+    _partial_: bool = True
+    warmup_epochs: float = 0.0  # linear warm-up over this many epochs
 
-    kind: str = "cosine"  # cosine | step | constant
+
+@dataclass
+class CosineLR:
+    _target_: str = "fqtrun.training.lr.cosine"
+    _partial_: bool = True
     warmup_epochs: float = 0.0
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of training
+
+
+@dataclass
+class StepLR:
+    _target_: str = "fqtrun.training.lr.step"
+    _partial_: bool = True
+    warmup_epochs: float = 0.0
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of training
     gamma: float = 0.1
 
 
@@ -79,18 +97,6 @@ class CheckpointConfig:
 
 
 @dataclass
-class SparsityConfig:
-    kind: str = "nm"  # nm (row-wise) | transposable
-    n: int = 2  # kept in every group of m
-    m: int = 4
-    every: int = 40  # steps between mask refreshes
-    method: str = "exact"  # transposable search: exact | greedy
-    srste_decay: float = 0.0  # extra decay on pruned weights (SR-STE), 0 = off
-    keep_last: bool = True  # keep the classifier dense
-    exclude: list[str] = field(default_factory=list)
-
-
-@dataclass
 class VarianceConfig:
     """Gradient-variance probe during training (spec/fqt.md, "Measuring gradient variance")."""
 
@@ -101,8 +107,10 @@ class VarianceConfig:
 
 @dataclass
 class TrainerConfig:
-    """How the loop runs across processes (training/distributed.py)."""
+    """How the loop runs: its length in steps (else epochs), evaluation cadence, processes."""
 
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (null: epochs x steps per epoch)
+    eval_every: int = 0  # steps between evaluations (and checkpoints); 0: at the end of every epoch
     distributed: bool = False  # DDP: launch with torchrun, global batch = batch_size split over the ranks
 
 
@@ -111,15 +119,15 @@ class TrainConfig:
     dataset: Any = MISSING
     model: Any = MISSING
     optim: Any = MISSING
-    lr: LRConfig = field(default_factory=LRConfig)
+    lr: Any = MISSING
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     quant: Optional[QuantConfig] = None  # +quant=<recipe>; absent = full precision
-    sparsity: Optional[SparsityConfig] = None  # +sparsity=nm|transposable; absent = dense
-    schedule: Any = None  # precision schedule of the forward bits (group schedule; static = as configured)
+    sparsity: Any = None  # +sparsity=nm|transposable; absent = dense
+    schedule: Any = MISSING  # precision schedule of the forward bits (group schedule; static = as configured)
     variance: VarianceConfig = field(default_factory=VarianceConfig)
     threads: int = 0  # torch CPU threads (0 = torch's default)
-    bits: int = 8  # feeds every quant.bits_* slot unless that slot is set
+    bits: int = 8  # feeds every quant.bits_* slot unless that slot is set (needs +quant=<recipe>)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     epochs: int = 150
@@ -134,42 +142,65 @@ class TrainConfig:
 
 
 def register_configs(cs: ConfigStore | None = None) -> None:
+    """Every schema of the train config and its groups, in Hydra's ConfigStore."""
+    from fqtrun.data.config import register_configs as register_data
+    from fqtrun.models.config import register_configs as register_models
+    from fqtrun.precision.config import register_configs as register_schedules
+    from fqtrun.sparsity.config import register_configs as register_sparsity
+
     cs = cs or ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for name, node in (("sgd", SGDConfig), ("adamw", AdamWConfig), ("adam", AdamConfig)):
         cs.store(group="schema/optim", name=name, node=node)
-    from fqtrun.data.config import register_configs as register_data
-    from fqtrun.models.config import register_configs as register_models
-
-    register_data(cs)
-    register_models(cs)
-    from fqtrun.schedule_config import register_configs as register_schedules
-    register_schedules(cs)
+    for name, node in (("constant", ConstantLR), ("cosine", CosineLR), ("step", StepLR)):
+        cs.store(group="schema/lr", name=name, node=node)
+    for register in (register_data, register_models, register_schedules, register_sparsity):
+        register(cs)
 
 
-def validate_train(cfg) -> None:
-    """Range checks on a composed train config; raises ConfigError with one line."""
-    from fqtrun.quant.quantizers import check_bits
-    from fqtrun.quant.recipe import validate as validate_quant
+def validate_train(cfg, overrides: Sequence[str] = ()) -> None:
+    """Range checks on a composed train config; raises ConfigError with one line.
 
+    `overrides` (the command line's) catch settings that would do nothing: bits=N without a recipe.
+    """
     checks = [
         (cfg.epochs >= 0, f"epochs={cfg.epochs} must be >= 0"),
         (cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be >= 1"),
         (cfg.eval_batch_size >= 1, f"eval_batch_size={cfg.eval_batch_size} must be >= 1"),
         (cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r} is unknown: use auto, cpu or cuda"),
         (cfg.nan_policy in ("stop", "skip"), f"nan_policy={cfg.nan_policy!r} is unknown: use stop or skip"),
-        (cfg.lr.kind in ("cosine", "step", "constant"), f"lr.kind={cfg.lr.kind!r} is unknown: use cosine, step or constant"),
         (cfg.logger.progress in ("auto", "rich", "plain", "none"),
          f"logger.progress={cfg.logger.progress!r} is unknown: use auto, rich, plain or none"),
         (cfg.logger.wandb.mode in ("offline", "online", "disabled"),
          f"logger.wandb.mode={cfg.logger.wandb.mode!r} is unknown: use offline, online or disabled"),
+        (cfg.trainer.max_steps is None or cfg.trainer.max_steps >= 1,
+         f"trainer.max_steps={cfg.trainer.max_steps} must be >= 1 (or null: epochs decide)"),
+        (cfg.trainer.eval_every >= 0, f"trainer.eval_every={cfg.trainer.eval_every} must be >= 0"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
     try:
         check_bits(cfg.bits, "bits")
-        if cfg.quant is not None:
-            validate_quant(cfg.quant)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    bits = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] == "bits"]
+    if bits and cfg.quant is None:
+        raise ConfigError(f"{bits[0]} sets quantizer bits but the run has no quantization recipe: add "
+                          "+quant=<qat|per_tensor|per_sample|householder>, or drop bits")
+    instantiate_checked(cfg.quant)  # the recipe validates itself (quant/recipe.py)
+
+
+def instantiate_checked(node, **kwargs):
+    """instantiate(node) (None stays None) with a bad setting's ValueError as a one-line ConfigError."""
+    if node is None:
+        return None
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, ValueError):
+            raise ConfigError(" ".join(str(cause).split())) from None
+        raise

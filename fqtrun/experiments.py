@@ -6,7 +6,6 @@ The reproduction scripts in scripts/ are thin layers over this: a dict of named 
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -33,18 +32,16 @@ def run_grid(variants: dict[str, list[str]], seeds: Iterable[int], common: list[
     Returns {variant: [summary per seed]}. A run whose summary.json exists is not redone,
     so an interrupted grid continues where it stopped.
     """
-    from fqtrun.commands.train import run_train
+    from fqtrun.runs.train import finished_summary, run_training
 
     results: dict[str, list[dict]] = {}
     for label, overrides in variants.items():
         for seed in seeds:
             run_dir = Path(out) / label / f"seed{seed}"
-            done = run_dir / "summary.json"
-            if done.is_file():
-                summary = json.loads(done.read_text())
-            else:
-                cfg = compose_config([*common, *overrides, f"seed={seed}"])
-                summary = run_train(cfg, run_dir)
+            every = [*common, *overrides, f"seed={seed}"]
+            summary = finished_summary(run_dir, every)
+            if summary is None:
+                summary = run_training(compose_config(every), run_dir, overrides=every)
             results.setdefault(label, []).append(summary)
             if on_done:
                 on_done(label, seed, summary)

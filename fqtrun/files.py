@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -25,3 +26,9 @@ def atomic_open(path: Path, mode: str = "wb", encoding: str | None = None) -> It
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomic JSON write (temp file + rename); values JSON cannot hold are written as strings."""
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=str)

@@ -21,8 +21,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import fqtrun
-from fqtrun.analysis.trace_plot import plot_bit_trace, plot_bit_traces
-from fqtrun.commands.train import run_train
+from fqtrun.precision.trace_plot import plot_bit_trace, plot_bit_traces
+from fqtrun.runs.train import run_training as run_train
 
 CONF = str(Path(fqtrun.__file__).resolve().parent / "conf")
 CONFIGS = {  # label -> (train overrides, label of the static run it is compared with)

@@ -45,7 +45,7 @@ def run_one(label: str, overrides: list[str], seed: int, run_dir: str) -> dict:
     """Train one variant at one seed in this process (a pool worker); reuse a finished run."""
     import torch
 
-    from fqtrun.commands.train import run_train
+    from fqtrun.runs.train import run_training as run_train
 
     done = Path(run_dir) / "summary.json"
     if done.is_file():

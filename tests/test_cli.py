@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fqtrun.commands.train import run_train
+from fqtrun.runs.train import run_training
 
 FQTRUN = [sys.executable, "-m", "fqtrun"]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "FQTRUN_DEBUG": ""}
@@ -55,7 +55,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches(compose_train, tmp_path, 
     """A preempted run (SIGTERM mid-epoch) resumes to exactly the uninterrupted run's metrics."""
     overrides = ["epochs=3", "batch_size=100", "logger.log_every=5", "+quant=per_sample", "bits=4"]
     full = tmp_path / "full"
-    run_train(compose_train(*overrides), full)
+    run_training(compose_train(*overrides), full)
 
     cut = tmp_path / "cut"
     args = ["train", *overrides, f"hydra.run.dir={cut}", f"dataset.cache_dir={data_cache}",
@@ -73,7 +73,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches(compose_train, tmp_path, 
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "checkpoint saved to" in err and (cut / "last.pt").is_file()
 
-    run_train(compose_train(*overrides, "resume=true"), cut)
+    run_training(compose_train(*overrides, "resume=true"), cut)
     strip = lambda p: [{k: v for k, v in json.loads(x).items() if "time" not in k} for x in p.read_text().splitlines()]
     assert strip(cut / "metrics.jsonl") == strip(full / "metrics.jsonl")
 

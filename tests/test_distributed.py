@@ -17,15 +17,15 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from fqtrun.commands.train import run_train
 from fqtrun.data.loader import make_loader
 from fqtrun.errors import ConfigError
+from fqtrun.runs.train import run_training
 from fqtrun.training.distributed import ShardedLoader, setup
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 # batch 333 on 4000 samples: per-rank slices of 167/166 and a last batch of 4 (2/2), so the
 # loss weighting for uneven slices is exercised, not only the even case.
-RUN = ["batch_size=333", "optim=sgd", "optim.lr=0.2", "lr.kind=constant", "logger.log_every=1", "threads=1",
+RUN = ["batch_size=333", "optim=sgd", "optim.lr=0.2", "lr=constant", "logger.log_every=1", "threads=1",
        "logger.wandb.mode=disabled", "logger.progress=none"]
 TOL = 1e-5
 
@@ -86,7 +86,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, compose_train, data_cach
     assert res.returncode == 0, res.stderr[-4000:]
     ddp = tmp_path / "ddp"
     single = tmp_path / "single"
-    run_train(compose_train(*RUN, "epochs=2"), single)
+    run_training(compose_train(*RUN, "epochs=2"), single)
 
     assert_same_trajectory(records(ddp), records(single))
     assert_same_weights(ddp, single)
@@ -105,6 +105,6 @@ def test_torchrun_resume_continues_the_same_trajectory(tmp_path, compose_train, 
                        "hydra.run.dir=ddp", cwd=tmp_path)
         assert res.returncode == 0, res.stderr[-4000:]
     single = tmp_path / "single"
-    run_train(compose_train(*RUN, "epochs=2"), single)  # constant lr: the epoch count does not shape it
+    run_training(compose_train(*RUN, "epochs=2"), single)  # constant lr: the epoch count does not shape it
     assert_same_trajectory(records(tmp_path / "ddp"), records(single))
     assert_same_weights(tmp_path / "ddp", single)

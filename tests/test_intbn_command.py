@@ -19,16 +19,16 @@ from fqtrun.commands.intbn import (
     load_run,
     run_intbn,
 )
-from fqtrun.commands.train import run_train
 from fqtrun.errors import FqtrunError
 from fqtrun.quant.convert import quant_layers
+from fqtrun.runs.train import run_training
 from fqtrun.training.checkpoint import save_checkpoint
 
 
 def _train_run(compose_train, folder: Path, *overrides: str) -> Path:
     """A run folder like `fqtrun train` leaves it: last.pt and .hydra/config.yaml."""
     cfg = compose_train("epochs=1", "batch_size=100", "threads=1", *overrides)
-    run_train(cfg, folder)
+    run_training(cfg, folder)
     (folder / ".hydra").mkdir(exist_ok=True)
     OmegaConf.save(cfg, folder / ".hydra" / "config.yaml", resolve=True)
     return folder / "last.pt"

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fqtrun.commands.common import done_summary
 from fqtrun.errors import FqtrunError
+from fqtrun.runs.train import finished_summary
 
 FQTRUN = str(Path(sys.executable).with_name("fqtrun"))
 QUIET = ["logger.wandb.mode=disabled", "logger.progress=none", "threads=1"]
@@ -92,11 +92,11 @@ def test_skip_done_refuses_a_finished_run_with_other_overrides(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"overrides": ["bits=4", "skip_done=true"],
                                                        "final_test_acc": 0.5}))
     with pytest.raises(FqtrunError, match="other overrides"):
-        done_summary(tmp_path)  # outside Hydra the current overrides are [] != [bits=4]
+        finished_summary(tmp_path, [])  # the current overrides [] != [bits=4]
     same = {"overrides": ["skip_done=true"], "final_test_acc": 0.5}
     (tmp_path / "summary.json").write_text(json.dumps(same))
-    assert done_summary(tmp_path)["final_test_acc"] == 0.5
-    assert done_summary(tmp_path / "absent") is None
+    assert finished_summary(tmp_path, ["skip_done=true"])["final_test_acc"] == 0.5
+    assert finished_summary(tmp_path / "absent", []) is None
 
 
 def test_submitit_local_runs_one_job(tmp_path, data_cache):

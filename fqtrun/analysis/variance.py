@@ -28,7 +28,7 @@ from fqtrun.errors import ConfigError
 from fqtrun.quant.convert import quant_layers
 from fqtrun.quant.gradient import GRADIENT_QUANTIZERS, make_gradient_quantizer
 from fqtrun.quant.grid import mix_seed
-from fqtrun.training.hooks import Hook
+from fqtrun.training.hooks import Hook, RunFacts
 
 Tensor = torch.Tensor
 Batch = tuple[Tensor, Tensor]
@@ -243,7 +243,7 @@ class VarianceProbe(Hook):
         self.pending: dict = {}
         self.last: dict = {}
 
-    def after_step(self, step: int) -> dict:
+    def after_step(self, step: int, batch: dict) -> dict:
         if step % self.every == 0:
             own = {id(layer): dict(layer.slots) for _, layer in quant_layers(self.model)}
             setups = {"run": lambda slot, layer: own[id(layer)][slot]}
@@ -266,26 +266,20 @@ class VarianceProbe(Hook):
         self.last = dict(state.get("last", {}))
 
 
-def variance_hook(cfg, model: nn.Module, bundle) -> VarianceProbe | None:
-    """Hook factory (HOOK_FACTORIES): a VarianceProbe when variance.every > 0 and the run quantizes gradients."""
-    v = cfg.variance
+def variance_hook(v, facts: RunFacts) -> VarianceProbe | None:
+    """A VarianceProbe when variance.every > 0 and the run quantizes gradients (rank 0 only under DDP)."""
     if v.every < 0:
         raise ConfigError(f"variance.every={v.every} must be >= 0 (0 turns the probe off)")
-    if v.every == 0:
+    if v.every == 0 or not facts.is_main:
         return None
     if v.k < 1:
         raise ConfigError(f"variance.k={v.k} must be >= 1 (repeated FQT backward passes per batch)")
     if v.batches < 2:
         raise ConfigError(f"variance.batches={v.batches} must be >= 2: the sampling variance compares batches")
-    if not any(layer.fully_quantized for _, layer in quant_layers(model)):
+    if not any(layer.fully_quantized for _, layer in quant_layers(facts.model)):
         return None  # fp32 or QAT: no quantization variance to measure
-    batches = held_batches(bundle.train, cfg.batch_size, v.batches, held_seed(cfg.seed))
-    smoothing = float(cfg.label_smoothing)
-
-    def loss_fn(logits: Tensor, y: Tensor) -> Tensor:
-        return nn.functional.cross_entropy(logits, y, label_smoothing=smoothing)
-
-    return VarianceProbe(model, batches, v.every, v.k, cfg.logger.log_every, loss_fn, cfg.seed)
+    batches = held_batches(facts.train_set, facts.batch_size, v.batches, held_seed(facts.seed))
+    return VarianceProbe(facts.model, batches, v.every, v.k, facts.log_every, facts.task.loss, facts.seed)
 
 
 def held_seed(seed: int) -> int:

@@ -31,9 +31,10 @@ from rich.table import Table
 from torch import nn
 
 from fqtrun.allocator import keep_freed_memory
-from fqtrun.commands.common import run_reporting_errors, write_json
+from fqtrun.commands.common import run_reporting_errors
 from fqtrun.config import register_configs
 from fqtrun.errors import ConfigError
+from fqtrun.files import write_json
 from fqtrun.quant import fused, grid
 from fqtrun.quant.backends import apply_backend, backend_report
 from fqtrun.quant.convert import convert

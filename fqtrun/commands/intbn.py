@@ -31,9 +31,11 @@ from rich.table import Table
 from torch import nn
 
 from fqtrun.bn_int import ExactBNRequant, bn_affine, convert_bn_requant, verify
-from fqtrun.commands.common import load_train_run, run_reporting_errors, write_json
+from fqtrun.build import load_train_run
+from fqtrun.commands.common import run_reporting_errors
 from fqtrun.config import register_configs
 from fqtrun.errors import ConfigError
+from fqtrun.files import write_json
 from fqtrun.quant import grid
 from fqtrun.quant.convert import quant_layers
 from fqtrun.quant.layers import QuantLayerMixin
@@ -188,7 +190,8 @@ def load_run(checkpoint: str) -> tuple[DictConfig, dict, nn.Module, object, str]
 
     On top of load_train_run: the run must be quantized with plain min-max codes and have BN.
     """
-    return load_train_run(checkpoint, "intbn", require=_convertible)
+    run = load_train_run(checkpoint, "intbn", require=_convertible)
+    return run.cfg, run.checkpoint, run.model, run.bundle, run.name
 
 
 def _convertible(cfg: DictConfig, model: nn.Module, name: str) -> None:

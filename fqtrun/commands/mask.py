@@ -33,19 +33,16 @@ from rich import box
 from rich.table import Table
 from torch import nn
 
-from fqtrun.commands.common import (
-    checkpoint_path,
-    load_train_run,
-    pick_device,
-    run_reporting_errors,
-    write_json,
-)
-from fqtrun.config import SparsityConfig, register_configs
+from fqtrun.build import checkpoint_path, load_train_run, pick_device
+from fqtrun.commands.common import run_reporting_errors
+from fqtrun.config import register_configs
 from fqtrun.data.loader import make_loader
 from fqtrun.errors import ConfigError
 from fqtrun.experiments import markdown_table
+from fqtrun.files import write_json
 from fqtrun.quant.convert import convert, quant_layers
 from fqtrun.quant.layers import NoiseContext
+from fqtrun.sparsity.config import SCHEMAS as SPARSITY_SCHEMAS
 from fqtrun.sparsity.diversity import count_transposable_blocks
 from fqtrun.sparsity.reconstruct import BN_TYPES, reconstruct, reestimate_bn
 from fqtrun.sparsity.report import mask_report
@@ -191,8 +188,11 @@ def _save_sparse(out: Path, run_cfg: DictConfig, model: nn.Module, name: str, so
     """<out>/last.pt (model weights, masks as weight_mask buffers) and <out>/.hydra/config.yaml."""
     cfg = run_cfg.copy()
     old = OmegaConf.to_container(cfg.sparsity) if cfg.get("sparsity") is not None else {}
-    recipe = SparsityConfig(**{**old, "kind": hook.kind, "n": hook.n, "m": hook.m, "method": hook.method,
-                               "keep_last": hook.keep_last, "exclude": list(hook.exclude)})
+    schema = SPARSITY_SCHEMAS[hook.kind]
+    new = {"kind": hook.kind, "n": hook.n, "m": hook.m, "keep_last": hook.keep_last, "exclude": list(hook.exclude)}
+    if hook.kind == "transposable":
+        new["method"] = hook.method
+    recipe = schema(**{k: v for k, v in {**old, **new}.items() if k in schema.__dataclass_fields__})
     cfg.sparsity = OmegaConf.structured(recipe)
     (out / ".hydra").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out / ".hydra" / "config.yaml", resolve=True)
@@ -210,7 +210,8 @@ def run_mask(cfg: DictConfig, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     source = checkpoint_path(cfg.checkpoint)
-    run_cfg, _, model, bundle, name = load_train_run(str(source), "mask")
+    run = load_train_run(str(source), "mask")
+    run_cfg, model, bundle, name = run.cfg, run.model, run.bundle, run.name
     if not any(True for _ in quant_layers(model)):  # a plain fp32 run: make the layers mask-capable
         convert(model, lambda slot, module: None, NoiseContext(seed=run_cfg.seed))
     had_masks = _fold_masks(model)

@@ -4,6 +4,8 @@ One setting per operand of the three GEMMs (spec/fqt.md): forward weights (bits_
 activations (bits_a), the input-gradient GEMM's dY (bits_dx, quantizer `grad`) and the
 weight-gradient GEMM's dY (bits_dw, quantizer `grad_dw`). Every bits_* defaults to the
 top-level `bits`. `grad=None` is QAT: straight-through, full-precision gradient GEMMs.
+conf/quant/<recipe>.yaml fills a QuantConfig; `instantiate(cfg.quant)` calls `build_recipe`,
+which returns the validated QuantConfig the run converts the model with.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from omegaconf import II
 from torch import nn
 
 from fqtrun.quant import backends
+from fqtrun.quant.bits import check_bits
 from fqtrun.quant.gradient import make_gradient_quantizer
-from fqtrun.quant.quantizers import RIDGE_FORMS, RIDGE_MAX_BITS, MinMaxQuantizer, RidgeQuantizer, check_bits
+from fqtrun.quant.quantizers import RIDGE_FORMS, MinMaxQuantizer, RidgeQuantizer
 
 DW_QUANTIZERS = ("per_tensor", "per_column")
 BACKENDS = backends.BACKENDS  # simulate | int8 | auto
@@ -24,6 +27,7 @@ BACKENDS = backends.BACKENDS  # simulate | int8 | auto
 
 @dataclass
 class QuantConfig:
+    _target_: str = "fqtrun.quant.recipe.build_recipe"
     name: str = "qat"  # label shown in summaries and reports
     grad: Optional[str] = None  # None (QAT) | per_tensor | per_sample | householder (ptq, psq, bhq)
     grad_dw: str = "per_column"  # quantizer of dY in the weight-gradient GEMM
@@ -50,17 +54,26 @@ class QuantConfig:
     ternary: bool = False  # ridge only: weight codes -1, 0, 1 (threshold 0.7 mean|w|) instead of bits_w
 
 
+def build_recipe(**settings) -> QuantConfig:
+    """The validated recipe (what `instantiate(cfg.quant)` returns); ValueError names the setting."""
+    settings["exclude"] = list(settings.get("exclude", []))
+    recipe = QuantConfig(**settings)
+    validate(recipe)
+    return recipe
+
+
 def validate(cfg: QuantConfig) -> None:
     """Fail early, one line per problem, before any data or model is built."""
-    for slot in ("bits_w", "bits_a"):
-        check_bits(getattr(cfg, slot), f"quant.{slot}")
     validate_dequant(cfg)
+    if cfg.dequant == "ste":
+        for slot in ("bits_w", "bits_a"):
+            check_bits(getattr(cfg, slot), f"quant.{slot}")
     if cfg.backend not in BACKENDS:
         raise ValueError(f"quant.backend={cfg.backend!r} is unknown: use one of {', '.join(BACKENDS)}")
     validate_backend(cfg)
     if cfg.grad is not None:
-        check_bits(cfg.bits_dx, "quant.bits_dx")
-        check_bits(cfg.bits_dw, "quant.bits_dw")
+        check_bits(cfg.bits_dx, "quant.bits_dx", "gradient")
+        check_bits(cfg.bits_dw, "quant.bits_dw", "gradient")
         if cfg.grad_dw not in DW_QUANTIZERS:
             raise ValueError(f"quant.grad_dw={cfg.grad_dw!r} is unknown: use one of {', '.join(DW_QUANTIZERS)}")
         _grad_quantizer(cfg.grad, cfg.bits_dx, "quant.bits_dx")
@@ -124,7 +137,7 @@ def validate_dequant(cfg: QuantConfig) -> None:
     if cfg.block is not None and cfg.block < 1:
         raise ValueError(f"quant.block={cfg.block} must be >= 1 elements (or null: per tensor / per channel)")
     for slot in ("bits_w", "bits_a"):
-        check_bits(getattr(cfg, slot), f"quant.{slot}", 1, RIDGE_MAX_BITS)
+        check_bits(getattr(cfg, slot), f"quant.{slot}", "ridge")
 
 
 def ridge_slot(cfg: QuantConfig, slot: str) -> RidgeQuantizer:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from hydra.utils import instantiate
 from torch import nn
 
 from fqtrun.sparsity.training import SparsityHook
-from fqtrun.training.hooks import Hook
+from fqtrun.training.hooks import Hook, RunFacts
 
 
 class SparseTraining(Hook):
@@ -27,7 +28,7 @@ class SparseTraining(Hook):
     def after_backward(self, step: int) -> None:
         self.masks.apply_srste(self.model)
 
-    def after_step(self, step: int) -> dict:
+    def after_step(self, step: int, batch: dict) -> dict:
         return {"sparsity/density": self._density}
 
     def summary(self) -> dict:
@@ -36,11 +37,6 @@ class SparseTraining(Hook):
                              "density": self.masks.densities(self.model)}}
 
 
-def sparsity_hook(cfg, model: nn.Module, bundle) -> SparseTraining | None:
-    """The hook for `+sparsity=...` runs; None for dense runs."""
-    s = cfg.get("sparsity")
-    if s is None:
-        return None
-    masks = SparsityHook(kind=s.kind, n=s.n, m=s.m, every=s.every, method=s.method,
-                         srste_decay=s.srste_decay, exclude=list(s.exclude), keep_last=s.keep_last)
-    return SparseTraining(masks, model)
+def sparsity_hook(node, facts: RunFacts) -> SparseTraining | None:
+    """The hook of a `+sparsity=...` run (its mask policy built from the node); None for dense runs."""
+    return None if node is None else SparseTraining(instantiate(node), facts.model)

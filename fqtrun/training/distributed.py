@@ -9,9 +9,10 @@ What a distributed run does:
 - Data: every step takes the same global batch a single process would (the seeded per-epoch
   permutation cut into `batch_size` pieces); rank r gets its own disjoint slice of it, so the
   per-rank batch is batch_size / world_size and the global batch stays batch_size.
-- Loss: each rank's summed loss is scaled by world_size / (global batch size) so that DDP's
-  gradient average is exactly the global-batch mean, also when the last batch splits unevenly.
-  The logged loss and accuracy are all-reduced over the ranks: they are the global batch's.
+- Loss: each rank's summed loss (the task's, fqtrun/tasks) is scaled by world_size / (global
+  batch size) so that DDP's gradient average is exactly the global-batch mean, also when the
+  last batch splits unevenly. The logged loss and the task's batch sums (correct predictions)
+  are all-reduced over the ranks: they are the global batch's.
 - Gradient quantization (FQT) happens inside each rank's backward, on its own slice, before
   DDP all-reduces the (already quantized-and-dequantized) parameter gradients; stochastic
   rounding noise is drawn per rank (`noise_seed`), so the ranks' rounding errors are independent.
@@ -67,11 +68,11 @@ class SingleProcess:
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
 
-    def batch_loss(self, logits: torch.Tensor, y: torch.Tensor, label_smoothing: float,
-                   global_n: int) -> tuple[torch.Tensor, float, int, int]:
-        """(loss to backpropagate, its value, correct predictions, samples) of the step's batch."""
-        loss = nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        return loss, loss.item(), int((logits.argmax(1) == y).sum()), len(y)
+    def batch_loss(self, task, output: torch.Tensor, y: torch.Tensor,
+                   global_n: int) -> tuple[torch.Tensor, float, dict, int]:
+        """(loss to backpropagate, its value, the task's batch sums, samples) of the step's batch."""
+        loss = task.loss(output, y)
+        return loss, loss.item(), task.batch_sums(output, y), len(y)
 
     def any(self, flag: bool) -> bool:
         """True when `flag` is true on any rank (a signal seen by one rank stops all)."""
@@ -117,12 +118,13 @@ class Distributed(SingleProcess):
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-    def batch_loss(self, logits, y, label_smoothing, global_n):
-        summed = nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="sum")
+    def batch_loss(self, task, output, y, global_n):
+        summed = task.loss(output, y, reduction="sum")
         loss = summed * (self.world_size / global_n)  # DDP averages over ranks -> global-batch mean
-        totals = torch.stack([summed.detach().double(), (logits.argmax(1) == y).sum().double()])
+        sums = task.batch_sums(output, y)
+        totals = torch.tensor([float(summed.detach()), *sums.values()], dtype=torch.float64, device=summed.device)
         dist.all_reduce(totals)
-        return loss, float(totals[0]) / global_n, int(totals[1]), global_n
+        return loss, float(totals[0]) / global_n, dict(zip(sums, totals[1:].tolist())), global_n
 
     def any(self, flag: bool) -> bool:
         t = torch.tensor([float(flag)], device=self.device)

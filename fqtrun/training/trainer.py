@@ -1,7 +1,9 @@
-"""The training loop: epochs of steps, evaluation every epoch, checkpoints, resume, signals.
+"""The training loop: steps over epochs, evaluation, checkpoints, resume, signals, stop rules.
 
-Read top to bottom: `fit` -> `_train_epoch` -> `_step`. Everything technique-specific comes
-in through `hooks` (training/hooks.py); everything that leaves comes out through `log`.
+Read top to bottom: `fit` -> `_train_epoch` -> `_step`. How a batch becomes a loss and metrics
+comes from `task` (fqtrun/tasks); everything technique-specific comes in through `hooks`
+(training/hooks.py); the learning rate is a pure `lr_at(step)`; everything that leaves comes
+out through `log`.
 """
 
 from __future__ import annotations
@@ -10,19 +12,18 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from fqtrun.data.loader import make_loader
-from fqtrun.errors import TrainingError
+from fqtrun.errors import CheckpointError, TrainingError
 from fqtrun.quant.grid import mix_seed
 from fqtrun.training.checkpoint import model_signature, save_checkpoint
 from fqtrun.training.distributed import SingleProcess
 from fqtrun.training.hooks import Hook
-from fqtrun.training.lr import lr_factor
 
 
 @dataclass
@@ -32,14 +33,13 @@ class TrainState:
     epoch: int = 0  # epochs completed
     batch: int = 0  # batches done in the current epoch
     step: int = 0  # global optimizer steps taken (including skipped NaN steps)
-    best_acc: float = 0.0
-    last_acc: float = float("nan")
-    last_test_loss: float = float("nan")
+    best: float | None = None  # best evaluation value of the task's headline metric
+    last_eval: dict = field(default_factory=dict)  # the last evaluation's metrics
     last_train_loss: float = float("nan")
     skipped_steps: int = 0
     wall_time_s: float = 0.0
-    window_loss: float = 0.0  # train loss/acc accumulated since the last train record
-    window_correct: int = 0
+    window_loss: float = 0.0  # train loss and task sums accumulated since the last train record
+    window_sums: dict = field(default_factory=dict)
     window_n: int = 0
 
 
@@ -49,17 +49,14 @@ class LoopSettings:
     batch_size: int
     eval_batch_size: int
     seed: int
-    label_smoothing: float = 0.0
     grad_clip: float = 0.0
     nan_policy: str = "stop"
     log_every: int = 10
-    checkpoint_every: int = 1
+    checkpoint_every: int = 1  # epochs (or evaluations, when eval_every > 0) between checkpoints
     keep_all: bool = False
-    warmup_epochs: float = 0.0
-    lr_kind: str = "cosine"
-    min_lr_ratio: float = 0.0
-    milestones: tuple[float, ...] = ()
-    gamma: float = 0.1
+    max_steps: int | None = None  # stop after this many steps (None: epochs x steps per epoch)
+    eval_every: int = 0  # steps between evaluations; 0: at the end of every epoch
+    save: bool = True  # write checkpoints (a precision range test does not)
 
 
 class Interrupted(Exception):
@@ -68,11 +65,11 @@ class Interrupted(Exception):
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train_set, test_set,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, task, train_set, test_set,
                  settings: LoopSettings, out_dir: Path, device: torch.device, hooks: list[Hook],
-                 log: Callable[[dict], None], progress, extra_state: Callable[[], dict] | None = None,
-                 dist: SingleProcess | None = None):
-        self.model, self.optimizer = model, optimizer
+                 log: Callable[[dict], None], progress, lr_at: Callable[[int], float],
+                 extra_state: Callable[[], dict] | None = None, dist: SingleProcess | None = None):
+        self.model, self.optimizer, self.task = model, optimizer, task
         self.train_set, self.test_set = train_set, test_set
         self.s = settings
         self.out_dir = Path(out_dir)
@@ -80,13 +77,16 @@ class Trainer:
         self.hooks = hooks
         self.log = log
         self.progress = progress
+        self.lr_at = lr_at
         self.extra_state = extra_state or (lambda: {})
         self.state = TrainState()
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
-        self.steps_per_epoch = len(make_loader(train_set, settings.batch_size, shuffle=True, seed=0))
-        self.total_steps = self.steps_per_epoch * settings.epochs
+        self.steps_per_epoch = steps_per_epoch(train_set, settings.batch_size)
+        by_epochs = self.steps_per_epoch * settings.epochs
+        self.total_steps = by_epochs if settings.max_steps is None else settings.max_steps
         self.last_checkpoint: Path | None = None
         self._signal: int | None = None
+        self._stop = False
         # DDP (training/distributed.py): sharded loader, wrapped model, global loss; rank 0 saves
         self.dist = dist or SingleProcess()
         self.train_model = self.dist.wrap(model)
@@ -106,38 +106,52 @@ class Trainer:
     def load_state(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.state = TrainState(**ckpt["train_state"])
+        try:
+            self.state = TrainState(**ckpt["train_state"])
+        except TypeError:
+            raise CheckpointError("the checkpoint's training state was written by another fqtrun version: "
+                                  "start a new run (or resume with the version that wrote it)") from None
         for hook, hs in zip(self.hooks, ckpt.get("hooks", [])):
             hook.load_state_dict(hs)
         torch.set_rng_state(ckpt["torch_rng"])
 
     def save(self, name: str = "last.pt") -> Path:
-        if not self.dist.is_main:  # DDP: only rank 0 writes checkpoints
+        if not self.dist.is_main or not self.s.save:  # DDP: only rank 0 writes checkpoints
             return self.out_dir / name
         self.last_checkpoint = save_checkpoint(self.out_dir / name, self.checkpoint_state())
         return self.last_checkpoint
 
     # ----- the loop ------------------------------------------------------------------------
     def fit(self) -> TrainState:
-        """Train from the current state to the last epoch; SIGTERM/SIGINT save and raise Interrupted."""
+        """Train from the current state to the last step; SIGTERM/SIGINT save and raise Interrupted."""
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        self.progress.start(self.s.epochs, self.steps_per_epoch, self.state.epoch)
+        epochs = -(-self.total_steps // self.steps_per_epoch)
+        self.progress.start(epochs, self.steps_per_epoch, self.state.epoch)
         try:
-            while self.state.epoch < self.s.epochs:
+            while self.state.step < self.total_steps and not self._stop:
                 self._train_epoch()
-                self.state.epoch += 1
-                self.state.batch = 0
+                if self.state.batch == self.steps_per_epoch:  # a whole epoch (not a stop mid-epoch)
+                    self.state.epoch += 1
+                    self.state.batch = 0
+                    if self.s.eval_every == 0:
+                        self._evaluate_and_log()
+                        self._checkpoint(self.state.epoch, epochs)
+            if self.state.batch and self.s.eval_every == 0:  # ended mid-epoch (max_steps or a stop rule)
                 self._evaluate_and_log()
-                every = self.s.checkpoint_every
-                if self.state.epoch == self.s.epochs or (every > 0 and self.state.epoch % every == 0):
-                    self.save()
-                    if self.s.keep_all:
-                        self.save(f"epoch_{self.state.epoch:04d}.pt")
+                self.save()
         finally:
             self.progress.stop()
             for s, h in old.items():
                 signal.signal(s, h)
         return self.state
+
+    def _checkpoint(self, count: int, last: int) -> None:
+        """Save after evaluation number `count` (epochs, or evaluations when eval_every > 0)."""
+        every = self.s.checkpoint_every
+        if count == last or self.state.step >= self.total_steps or (every > 0 and count % every == 0):
+            self.save()
+            if self.s.keep_all:
+                self.save(f"epoch_{count:04d}.pt" if self.s.eval_every == 0 else f"step_{self.state.step:07d}.pt")
 
     def _on_signal(self, signum, frame) -> None:
         self._signal = signum  # acted on between steps, so the saved state is consistent
@@ -149,43 +163,55 @@ class Trainer:
                                   skip_batches=st.batch)
         t0 = time.perf_counter()
         for x, y in loader:
-            loss, correct, n = self._step(x.to(self.device, non_blocking=True),
-                                          y.to(self.device, non_blocking=True))
+            loss, sums, n, batch = self._step(x.to(self.device, non_blocking=True),
+                                              y.to(self.device, non_blocking=True))
             st.batch += 1
             st.step += 1
             if loss is not None:
                 st.window_loss += loss * n
-                st.window_correct += correct
+                for k, v in sums.items():
+                    st.window_sums[k] = st.window_sums.get(k, 0) + v
                 st.window_n += n
             extra = {}
             for h in self.hooks:
-                extra.update(h.after_step(st.step))
+                extra.update(h.after_step(st.step, batch))
             if st.step % s.log_every == 0 and st.window_n:
                 self._log_train(extra)
             bits = " ".join(f"{k[5:]}{v}" for k, v in extra.items() if k.startswith("bits_"))
             self.progress.step(st.batch, f"loss {st.last_train_loss:.4f} {bits}".rstrip())
+            self._stop = any(h.wants_stop() for h in self.hooks)
+            done = self._stop or st.step >= self.total_steps
+            if s.eval_every > 0 and (st.step % s.eval_every == 0 or done):
+                st.wall_time_s += time.perf_counter() - t0
+                self._evaluate_and_log()
+                self._checkpoint(st.step // s.eval_every + (st.step % s.eval_every > 0),
+                                 -(-self.total_steps // s.eval_every))
+                t0 = time.perf_counter()
             if self.dist.any(self._signal is not None):  # DDP: a signal on any rank stops all
                 st.wall_time_s += time.perf_counter() - t0
                 self.save()
                 raise Interrupted(self._signal or signal.SIGTERM)
+            if done:
+                break
         st.wall_time_s += time.perf_counter() - t0
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float | None, int, int]:
-        """One optimizer step; returns the (global) batch's loss, correct count and size."""
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float | None, dict, int, dict]:
+        """One optimizer step: (the global batch's loss or None if skipped, task sums, size, batch metrics)."""
         s, st = self.s, self.state
+        factor = self.lr_at(st.step)
         for g, base in zip(self.optimizer.param_groups, self.base_lrs):
-            g["lr"] = base * lr_factor(st.step, self.total_steps, round(s.warmup_epochs * self.steps_per_epoch),
-                                       s.lr_kind, s.min_lr_ratio, s.milestones, s.gamma)
+            g["lr"] = base * factor
         for h in self.hooks:
             h.before_step(st.step)
-        logits = self.train_model(x)
+        out = self.train_model(x)
         global_n = min(s.batch_size, len(self.train_set) - st.batch * s.batch_size)  # this step's batch
-        loss, value, correct, n = self.dist.batch_loss(logits, y, s.label_smoothing, global_n)
+        loss, value, sums, n = self.dist.batch_loss(self.task, out, y, global_n)
+        batch = {**self.task.metrics(value * n, sums, n), "loss": value}
         self.optimizer.zero_grad(set_to_none=True)
         if not math.isfinite(value):
             if s.nan_policy == "skip":
                 st.skipped_steps += 1
-                return None, 0, 0
+                return None, {}, 0, batch
             where = self.last_checkpoint or "none written yet"
             raise TrainingError(f"loss is {value} at step {st.step} (epoch {st.epoch}); last good checkpoint: "
                                 f"{where}; lower optim.lr, raise the bits, or set nan_policy=skip")
@@ -196,38 +222,45 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
         self.optimizer.step()
         st.last_train_loss = value
-        return value, correct, n
+        return value, sums, n, batch
 
     def _log_train(self, extra: dict) -> None:
         st = self.state
-        self.log({"step": st.step, "epoch": st.epoch, "split": "train", "loss": st.window_loss / st.window_n,
-                  "acc": st.window_correct / st.window_n, "lr": self.optimizer.param_groups[0]["lr"], **extra})
-        st.window_loss, st.window_correct, st.window_n = 0.0, 0, 0
+        metrics = self.task.metrics(st.window_loss, st.window_sums, st.window_n)
+        self.log({"step": st.step, "epoch": st.epoch, "split": "train", **metrics,
+                  "lr": self.optimizer.param_groups[0]["lr"], **extra})
+        st.window_loss, st.window_sums, st.window_n = 0.0, {}, 0
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """Test loss and accuracy, with the hooks' stated evaluation settings."""
+    def evaluate(self) -> dict[str, float]:
+        """The task's evaluation metrics on the test split, with the hooks' stated evaluation settings."""
         for h in self.hooks:
             h.before_eval()
         was_training = self.model.training
-        self.model.eval()
-        total, correct, n = 0.0, 0, 0
-        for x, y in make_loader(self.test_set, self.s.eval_batch_size, shuffle=False, seed=0):
-            x, y = x.to(self.device), y.to(self.device)
-            logits = self.model(x)
-            total += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-            correct += int((logits.argmax(1) == y).sum())
-            n += len(y)
+        metrics = self.task.evaluate(self.model, self.test_set, self.s.eval_batch_size, self.device)
         self.model.train(was_training)
         for h in self.hooks:
             h.after_eval()
-        return total / max(n, 1), correct / max(n, 1)
+        return metrics
 
     def _evaluate_and_log(self) -> None:
+        if self.test_set is None:  # e.g. the precision range test: training only
+            return
         st = self.state
-        loss, acc = self.evaluate()
-        st.last_acc, st.last_test_loss = acc, loss
-        st.best_acc = max(st.best_acc, acc)
-        self.log({"step": st.step, "epoch": st.epoch, "split": "test", "loss": loss, "acc": acc})
-        self.progress.epoch(st.epoch, self.s.epochs,
-                            f"train loss {st.last_train_loss:.4f}  test loss {loss:.4f}  test acc {acc:.4f}")
+        metrics = self.evaluate()
+        st.last_eval = metrics
+        value = metrics[self.task.headline]
+        if self.task.better(value, st.best):
+            st.best = value
+        self.log({"step": st.step, "epoch": st.epoch, "split": "test", **metrics})
+        shown = "  ".join(f"test {k} {v:.4f}" for k, v in metrics.items())
+        self.progress.epoch(st.epoch if self.s.eval_every == 0 else st.step,
+                            self.progress_total(), f"train loss {st.last_train_loss:.4f}  {shown}")
+
+    def progress_total(self) -> int:
+        return -(-self.total_steps // self.steps_per_epoch) if self.s.eval_every == 0 else self.total_steps
+
+
+def steps_per_epoch(train_set, batch_size: int) -> int:
+    """Optimizer steps per epoch (the last batch may be partial)."""
+    return len(make_loader(train_set, batch_size, shuffle=False, seed=0))

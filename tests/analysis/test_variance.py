@@ -14,15 +14,18 @@ from torch import nn
 
 from conftest import CONF, TINY
 from fqtrun.analysis.variance import fqt_slots, measure_variance, variance_hook
-from fqtrun.commands.train import run_train
-from fqtrun.commands.variance import build_model, run_variance
+from fqtrun.commands.variance import variance as run_variance
 from fqtrun.data.synthetic import build as build_synthetic
 from fqtrun.errors import CheckpointError, ConfigError
 from fqtrun.models.cnn1d import CNN1D
 from fqtrun.quant.convert import convert
 from fqtrun.quant.layers import NoiseContext
 from fqtrun.quant.recipe import QuantConfig, slot_factory
+from fqtrun.runs.train import run_training
+from fqtrun.runs.variance import study_model
+from fqtrun.tasks import Classification
 from fqtrun.training.checkpoint import model_signature, save_checkpoint
+from fqtrun.training.hooks import RunFacts
 
 
 def qat_model(model: nn.Module, fwd: int = 8) -> NoiseContext:
@@ -182,7 +185,7 @@ def test_command_loads_a_checkpoint_and_refuses_another_model(tmp_path):
     ckpt = save_checkpoint(tmp_path / "run" / "last.pt", {"model": state, "model_name": "cnn1d",
                                                          "signature": model_signature(trained)})
     cfg = compose_variance(*SMALL, f"checkpoint={ckpt.parent}")
-    model, _ = build_model(cfg, build_synthetic(n_train=400), NoiseContext())
+    model = study_model(cfg, build_synthetic(n_train=400), NoiseContext(), "cnn1d")
     loaded = model.state_dict()
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
     bad = compose_variance(*SMALL[:-1], "model=mlp", f"checkpoint={ckpt}")
@@ -211,8 +214,8 @@ def compose_synthetic_train(*overrides):
 def test_probe_logs_var_keys_without_disturbing_training(tmp_path):
     # synthetic data: 1000 samples / 200 = 5 steps per epoch, 10 steps; probes at 5 and 10, logged there
     common = [*TINY, "+quant=per_sample", "bits=4", "model.channels=8"]
-    run_train(compose_synthetic_train(*common), tmp_path / "plain")
-    summary = run_train(compose_synthetic_train(*common, "variance.every=5", "variance.k=2", "variance.batches=2"),
+    run_training(compose_synthetic_train(*common), tmp_path / "plain")
+    summary = run_training(compose_synthetic_train(*common, "variance.every=5", "variance.k=2", "variance.batches=2"),
                         tmp_path / "probed")
 
     def recs(name):
@@ -227,16 +230,21 @@ def test_probe_logs_var_keys_without_disturbing_training(tmp_path):
     assert summary["final_var_quant"] == train[-1]["var/quant"]
 
 
+def facts_of(model) -> RunFacts:
+    return RunFacts(model=model, train_set=None, task=Classification(), noise=NoiseContext(), total_steps=1,
+                    steps_per_epoch=1, batch_size=1, seed=0, log_every=1)
+
+
 def test_probe_is_off_without_every_or_gradient_quantizer(compose_train):
     model = CNN1D(10, (40,), channels=4)
     qat_model(model)
-    assert variance_hook(compose_train("+quant=qat", "variance.every=5"), model, None) is None
+    assert variance_hook(compose_train("+quant=qat", "variance.every=5").variance, facts_of(model)) is None
     fqt = CNN1D(10, (40,), channels=4)
     convert(fqt, slot_factory(QuantConfig(grad="per_sample", bits_w=8, bits_a=8, bits_dx=4, bits_dw=4)),
             NoiseContext())
-    assert variance_hook(compose_train("+quant=per_sample"), fqt, None) is None  # every = 0
+    assert variance_hook(compose_train("+quant=per_sample").variance, facts_of(fqt)) is None  # every = 0
     with pytest.raises(ConfigError, match="variance.k=0"):
-        variance_hook(compose_train("+quant=per_sample", "variance.every=5", "variance.k=0"), fqt, None)
+        variance_hook(compose_train("+quant=per_sample", "variance.every=5", "variance.k=0").variance, facts_of(fqt))
 
 
 def test_measure_variance_rejects_one_batch():

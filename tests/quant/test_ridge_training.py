@@ -10,7 +10,6 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import TINY
-from fqtrun.commands.train import run_train
 from fqtrun.config import validate_train
 from fqtrun.errors import ConfigError
 from fqtrun.quant import grid
@@ -19,6 +18,7 @@ from fqtrun.quant.layers import NoiseContext
 from fqtrun.quant.quantizers import MinMaxQuantizer, RidgeQuantizer
 from fqtrun.quant.recipe import QuantConfig, slot_factory
 from fqtrun.quant.ridge import ridge_quantize
+from fqtrun.runs.train import run_training
 
 
 def _recipe(**kw) -> QuantConfig:
@@ -126,7 +126,7 @@ def test_ridge_gradient_reaches_weights_through_the_fit():
 ], ids=["A1W1", "ternary", "W1A4-block128", "per_sample-fqt"])
 def test_ridge_trains_without_nan(compose_train, tmp_path, overrides):
     cfg = compose_train(*TINY, "epochs=1", *overrides)
-    summary = run_train(cfg, tmp_path)
+    summary = run_training(cfg, tmp_path)
     assert summary["steps"] == 20 and summary["skipped_steps"] == 0
     assert math.isfinite(summary["final_train_loss"]) and math.isfinite(summary["final_test_loss"])
     assert len(summary["layers_quantized"]) == 4

@@ -18,10 +18,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import CONF
-from fqtrun.commands.common import load_train_run, user_error
+from fqtrun.build import load_train_run
+from fqtrun.commands.common import user_error
 from fqtrun.commands.mask import calibration_batches, log10_diversity, run_mask
-from fqtrun.commands.train import run_train
 from fqtrun.errors import CheckpointError, ConfigError
+from fqtrun.runs.train import run_training
 from fqtrun.sparsity.diversity import log10, mask_diversity
 from fqtrun.sparsity.reconstruct import gemm_input, reestimate_bn, solve_rows
 
@@ -39,7 +40,7 @@ def dense_run(tmp_path_factory, data_cache) -> Path:
     folder = tmp_path_factory.mktemp("dense")
     cfg = _compose("train", "logger.wandb.mode=disabled", "logger.progress=none", f"dataset.cache_dir={data_cache}",
                    "model.channels=32", "epochs=1", "batch_size=200", "optim.lr=0.01", "threads=1")
-    run_train(cfg, folder)
+    run_training(cfg, folder)
     (folder / ".hydra").mkdir()
     OmegaConf.save(cfg, folder / ".hydra" / "config.yaml", resolve=True)
     return folder / "last.pt"
@@ -86,7 +87,7 @@ def test_report_written_with_sane_ratios(converted, dense_run):
     data = json.loads((out / "mask.json").read_text())
     assert (out / "mask.md").is_file() and data["masked"] == s["masked"]
     assert s["masked"] == ["features.0", *MASKED] and list(s["kept_dense"]) == ["head"]
-    _, _, dense, _, _ = load_train_run(str(dense_run), "test")
+    dense = load_train_run(str(dense_run), "test").model
     for r in data["layers"]:
         assert 0 < r["kept_vs_unstructured"] <= 1 + 1e-9
         if kind == "transposable":
@@ -107,7 +108,8 @@ def test_report_written_with_sane_ratios(converted, dense_run):
 
 def test_converted_checkpoint_loads_with_valid_masks(converted):
     (kind, n, m, method), out, s = converted
-    cfg, ckpt, model, bundle, _ = load_train_run(str(out / "sparse" / "last.pt"), "test")
+    run = load_train_run(str(out / "sparse" / "last.pt"), "test")
+    cfg, ckpt, model, bundle = run.cfg, run.checkpoint, run.model, run.bundle
     assert cfg.sparsity.kind == kind and (cfg.sparsity.n, cfg.sparsity.m) == (n, m)
     masks = {k.rsplit(".", 1)[0]: v for k, v in ckpt["model"].items() if k.endswith("weight_mask")}
     assert sorted(masks) == sorted(s["masked"])  # the classifier stays dense
@@ -137,8 +139,9 @@ def _layer_inputs(model: nn.Module, names: list[str], batches: list[torch.Tensor
 def test_reconstruction_reduces_layer_output_error(converted, dense_run):
     """Measured by running the convs: ||W X - W_rec X|| < ||W X - (S ⊙ W) X|| on the calibration batches."""
     (kind, n, m, method), out, s = converted
-    _, _, dense, bundle, _ = load_train_run(str(dense_run), "test")
-    _, _, sparse, _, _ = load_train_run(str(out / "sparse" / "last.pt"), "test")
+    dense_loaded = load_train_run(str(dense_run), "test")
+    dense, bundle = dense_loaded.model, dense_loaded.bundle
+    sparse = load_train_run(str(out / "sparse" / "last.pt"), "test").model
     batches = calibration_batches(bundle.train, 4, 100, 0, torch.device("cpu"))
     inputs = _layer_inputs(sparse, s["masked"], batches)  # X each layer saw when it was refitted
     for r in s["layers"]:

@@ -10,7 +10,6 @@ sample), so summing step_bitops over the steps gives the run's total.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -88,48 +87,3 @@ def step_bitops(macs: Mapping[str, int], bits: Mapping[str, Sequence[int]] | Seq
     if len(bits) != 3:
         raise ValueError(f"step_bitops: bits={tuple(bits)} must be (b_w, b_a, b_g)")
     return float(sum(macs.values()) * _pair_cost(bits))
-
-
-class BitOpsMeter:
-    """Accumulates step BitOPs over training; `gbitops` is the cumulative total in GBitOPs."""
-
-    def __init__(self, macs: Mapping[str, int]) -> None:
-        self.macs = dict(macs)
-        self.steps = 0
-        self.total = 0.0  # BitOPs
-
-    def update(self, bits: Mapping[str, Sequence[int]] | Sequence[int]) -> float:
-        """Add one step at these bits; returns the cumulative GBitOPs (metric cost/gbitops)."""
-        self.total += step_bitops(self.macs, bits)
-        self.steps += 1
-        return self.gbitops
-
-    @property
-    def gbitops(self) -> float:
-        return self.total / 1e9
-
-
-def _bits_of(schedule_or_bits: Any, step: int) -> int:
-    return schedule_or_bits if isinstance(schedule_or_bits, int) else schedule_or_bits.bits_at(step)
-
-
-def savings(
-    fwd_schedule: Any,
-    grad_schedule: Any,
-    static_bits: int,
-    static_grad_bits: int,
-    total_steps: int,
-    macs: Mapping[str, int] | None = None,
-) -> float:
-    """Fraction of BitOPs saved over `total_steps` against a static (b, g) run.
-
-    Weights and activations follow fwd_schedule, gradients grad_schedule (a schedule or an
-    int); with all layers sharing bits this is 1 - E_t[q_t^2 + 2 g q_t] / (b^2 + 2 b g).
-    """
-    if total_steps < 1:
-        raise ValueError(f"savings: total_steps={total_steps} must be >= 1")
-    macs = {"all": 1} if macs is None else macs
-    per_bits = Counter((_bits_of(fwd_schedule, t), _bits_of(grad_schedule, t)) for t in range(total_steps))
-    scheduled = sum(n * step_bitops(macs, (q, q, g)) for (q, g), n in per_bits.items())
-    static = total_steps * step_bitops(macs, (static_bits, static_bits, static_grad_bits))
-    return 1.0 - scheduled / static

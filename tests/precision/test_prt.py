@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fqtrun.analysis.prt import accuracy_delta, precision_range_test
+from fqtrun.precision.prt import accuracy_delta, precision_range_test
 from fqtrun.quant.grid import dequantize, minmax_grid, quantize_nearest
 
 

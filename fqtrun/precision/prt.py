@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+from fqtrun.quant.bits import check_bits
 
 TrainSteps = Callable[[int, int], Sequence[float]]  # (bits, k) -> k train accuracies
 
@@ -68,9 +71,8 @@ def precision_range_test(
     threshold: float = 0.05,
 ) -> PRTResult:
     """Raise the forward precision from b_start until K steps of training improve accuracy by > tau."""
-    for name, value, low in (("b_start", b_start, 1), ("b_max", b_max, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 32:
-            raise ValueError(f"prt.{name}={value!r} must be an integer bit-width in 1..32")
+    check_bits(b_start, "prt.b_start")
+    check_bits(b_max, "prt.b_max")
     if b_start > b_max:
         raise ValueError(f"prt.b_start={b_start} must be <= prt.b_max={b_max}")
     if not isinstance(window, int) or window < 1:
@@ -91,3 +93,44 @@ def precision_range_test(
         if trace[bits].delta > threshold:
             return PRTResult(bits, b_max, trace, threshold, window)
     return PRTResult(None, b_max, trace, threshold, window)
+
+
+def result_record(res: PRTResult, settings) -> dict:
+    w = res.window
+    return {
+        "q_min": res.q_min,
+        "q_max": res.b_max,
+        "override": res.override,
+        "summary": res.summary(),
+        "settings": {"b_start": settings.b_start, "b_max": settings.b_max, "steps_per_bits": settings.steps_per_bits,
+                     "window": w, "threshold": res.threshold, "fresh_model": bool(settings.fresh_model)},
+        "trace": [{"bits": b, "gain": t.delta, "acc_first": sum(t.accs[:w]) / w, "acc_last": sum(t.accs[-w:]) / w,
+                   "accs": list(t.accs)} for b, t in res.trace.items()],
+    }
+
+
+def plot_prt(res: PRTResult, out_png: Path) -> Path:
+    """Left: per-step train accuracy, one colour per precision; right: the gain per precision vs tau."""
+    from matplotlib.figure import Figure
+
+    from fqtrun.figures import save_figure
+
+    fig = Figure(figsize=(10, 3.5))
+    left, right = fig.subplots(1, 2)
+    start = 0
+    for b, t in res.trace.items():
+        left.plot(range(start, start + len(t.accs)), t.accs, linewidth=0.8, label=f"{b} bits")
+        start += len(t.accs)
+    left.set_xlabel("step")
+    left.set_ylabel("train batch accuracy")
+    left.legend(fontsize=7)
+    bits = list(res.trace)
+    colors = ["tab:green" if b == res.q_min else "tab:gray" for b in bits]
+    right.bar(bits, [res.trace[b].delta for b in bits], color=colors)
+    right.axhline(res.threshold, color="tab:red", linestyle="--", label=f"threshold {res.threshold:g}")
+    right.set_xticks(bits)
+    right.set_xlabel("forward bits")
+    right.set_ylabel(f"acc gain (last {res.window} - first {res.window})")
+    right.set_title(f"q_min = {res.q_min}" if res.found else "no q_min found", fontsize=9)
+    right.legend(fontsize=7)
+    return save_figure(fig, out_png)

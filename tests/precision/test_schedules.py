@@ -9,7 +9,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fqtrun.schedules import SCHEDULES, CosineGrowth, Cyclic, Linear, Staged, Static, Triangular
+from fqtrun.precision.schedules import SCHEDULES, CosineGrowth, Cyclic, Linear, Staged, Static, Triangular
 
 # spec/cpt.md: time spent per bit in one 3..8 cycle (percent).
 PUBLISHED_SHARES = {3: 20.5, 4: 16.45, 5: 13.05, 6: 13.1, 7: 16.45, 8: 20.45}

@@ -1,10 +1,12 @@
 """Precision schedules: a pure map from the training step to a bit-width (spec/cpt.md).
 
-Every schedule is a frozen dataclass built from keyword arguments, so Hydra can build it
-with `instantiate(cfg.schedule, total_steps=N)`, and exposes
-    bits_at(step) -> int     the precision for that step (pure),
+Every schedule is a frozen dataclass built from keyword arguments, so Hydra builds it with
+`instantiate(cfg.schedule)(total_steps=N)` (conf/schedule/*.yaml are partial), and exposes
+    bits_at(step) -> int     the precision of the forward slots (w, a) at that step (pure),
     min_bits, max_bits       the range it moves in,
-    eval_bits                the precision to evaluate at (max_bits unless set).
+    eval_bits                the precision to evaluate at (max_bits unless set),
+    grad_min_bits/max_bits   the gradient slots' range (None: they keep their quant bits);
+                             precision/plan.py turns these into the run's PrecisionPlan.
 Rounding is half-to-even on the exact value: where the cosine is rational (u a multiple of
 1/3 or 1/2) the value is computed with Fractions, so ties such as 4.5 -> 4 never depend on
 float error; elsewhere the value is irrational and cannot be a tie.
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from fractions import Fraction
 
-from fqtrun.quant.quantizers import check_bits
+from fqtrun.quant.bits import check_bits
 
 # cos(pi * k / 6) for the k where it is rational (Niven): the only places a tie can occur.
 _RATIONAL_COS = {0: Fraction(1), 2: Fraction(1, 2), 3: Fraction(0), 4: Fraction(-1, 2), 6: Fraction(-1)}
@@ -41,12 +43,28 @@ def _check_step(step: int) -> None:
         raise ValueError(f"step={step} must be >= 0")
 
 
-def _resolve_eval(obj: object, eval_bits: int | None, default: int) -> None:
+def _resolve_eval(obj: object, eval_bits: int | None, default: int | None) -> None:
     """Fill eval_bits (a frozen field) with the default and validate it."""
     if eval_bits is None:
         object.__setattr__(obj, "eval_bits", default)
     else:
         check_bits(eval_bits, "schedule.eval_bits")
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """Settings every schedule takes beside its shape: evaluation and gradient bits, the run length."""
+
+    _: KW_ONLY
+    total_steps: int | None = None
+    eval_bits: int | None = None  # forward bits at evaluation; None = max_bits
+    grad_min_bits: int | None = None  # None: dx/dw keep quant.bits_dx/bits_dw (CPT keeps them fixed)
+    grad_max_bits: int | None = None  # one of the two set (or both equal): static gradient bits
+
+    def _check_grad(self) -> None:
+        for name in ("grad_min_bits", "grad_max_bits"):
+            if (value := getattr(self, name)) is not None:
+                check_bits(value, f"schedule.{name}", "gradient")
 
 
 def cosine_rise(min_bits: int, max_bits: int, num: int, den: int) -> int:
@@ -59,18 +77,20 @@ def cosine_rise(min_bits: int, max_bits: int, num: int, den: int) -> int:
 
 
 @dataclass(frozen=True)
-class Static:
-    """The same precision at every step (the baseline CPT is compared with)."""
+class Static(_Shared):
+    """The same precision at every step (the baseline CPT is compared with).
 
-    bits: int
-    _: KW_ONLY
-    total_steps: int | None = None  # accepted so every schedule builds the same way
-    eval_bits: int | None = None
+    bits=None leaves the forward slots at their quant settings (the default schedule).
+    """
+
+    bits: int | None = None
 
     def __post_init__(self) -> None:
-        check_bits(self.bits, "schedule.bits")
+        if self.bits is not None:
+            check_bits(self.bits, "schedule.bits")
         if self.total_steps is not None:
             _check_total(self.total_steps)
+        self._check_grad()
         _resolve_eval(self, self.eval_bits, self.bits)
 
     @property
@@ -87,18 +107,16 @@ class Static:
 
 
 @dataclass(frozen=True)
-class _Periodic:
+class _Periodic(_Shared):
     """Settings, checks and period T = total_steps // cycles shared by Cyclic and Triangular."""
 
-    min_bits: int
-    max_bits: int
-    cycles: int = 32
-    _: KW_ONLY
-    total_steps: int
-    eval_bits: int | None = None
+    min_bits: int = 3
+    max_bits: int = 8
+    cycles: int = 32  # the reference's value for every run
 
     def __post_init__(self) -> None:
         _check_range(self.min_bits, self.max_bits)
+        self._check_grad()
         if isinstance(self.cycles, bool) or not isinstance(self.cycles, int) or self.cycles < 1:
             raise ValueError(f"schedule.cycles={self.cycles!r} must be an integer >= 1")
         _check_total(
@@ -125,17 +143,15 @@ class Cyclic(_Periodic):
 
 
 @dataclass(frozen=True)
-class _Ramp:
+class _Ramp(_Shared):
     """Settings and checks shared by the schedules that rise once over the run (CosineGrowth, Linear)."""
 
-    min_bits: int
-    max_bits: int
-    _: KW_ONLY
-    total_steps: int
-    eval_bits: int | None = None
+    min_bits: int = 3
+    max_bits: int = 8
 
     def __post_init__(self) -> None:
         _check_range(self.min_bits, self.max_bits)
+        self._check_grad()
         _check_total(self.total_steps)
         _resolve_eval(self, self.eval_bits, self.max_bits)
 
@@ -172,21 +188,19 @@ class Linear(_Ramp):
 
 
 @dataclass(frozen=True)
-class Staged:
+class Staged(_Shared):
     """Progressive stages (FracTrain): stages = [[fraction_of_training, bits], ...] in order.
 
     Each fraction is the share of the run that stage lasts; the shares must sum to 1.
     Stage i ends at step round(cumulative share * total_steps); the last stage runs on.
     """
 
-    stages: Sequence[Sequence[float | int]]
-    _: KW_ONLY
-    total_steps: int
-    eval_bits: int | None = None
+    stages: Sequence[Sequence[float | int]] = ((0.5, 4), (0.3, 6), (0.2, 8))
     _ends: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_total(self.total_steps)
+        self._check_grad()
         try:
             stages = tuple((float(frac), bits) for frac, bits in self.stages)
         except (TypeError, ValueError):

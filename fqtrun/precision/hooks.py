@@ -1,9 +1,11 @@
-"""Precision hooks: the schedule that sets each step's bits, and BitOPs accounting.
+"""Precision hooks: the schedule that sets each step's bits, the bits probe, and BitOPs accounting.
 
-Two hook factories for HOOK_FACTORIES in commands/train.py, each (cfg, model, bundle) -> Hook | None:
-  precision_hook  sets slots w, a (and dx, dw if asked) from the schedule before every step's
-                  forward, and the stated eval_bits around evaluation (spec/cpt.md).
-  bitops_hook     every quantized run: cumulative GBitOPs from the bits the layers actually used.
+Each is built by a HookSpec (fqtrun.build.DEFAULT_HOOKS) from the run's `schedule` node and the
+RunFacts:
+  schedule_hook  sets slots w, a (and dx, dw if asked) from the schedule before every step's
+                 forward, and the stated eval_bits around evaluation (spec/cpt.md).
+  bits_probe     adds the bits each slot used (read back from the layers) to every record.
+  bitops_hook    cumulative GBitOPs from the bits the layers actually used (spec/cpt.md).
 """
 
 from __future__ import annotations
@@ -11,52 +13,32 @@ from __future__ import annotations
 import warnings
 
 import torch
-from omegaconf import OmegaConf
+from hydra.utils import instantiate
 from torch import nn
 
-from fqtrun.analysis.bitops import measure_macs, step_bitops
 from fqtrun.data.loader import make_loader
 from fqtrun.errors import CheckpointError, ConfigError
-from fqtrun.quant.convert import quant_layers, set_bits
-from fqtrun.schedule_config import PrecisionPlan, build_plan
-from fqtrun.training.hooks import Hook
+from fqtrun.precision.bitops import measure_macs, step_bitops
+from fqtrun.precision.plan import PrecisionPlan, plan_of
+from fqtrun.quant.convert import quant_layers, set_bits, used_bits
+from fqtrun.training.hooks import Hook, RunFacts
 
 FORWARD_SLOTS = ("w", "a")
 GRAD_SLOTS = ("dx", "dw")
 FULL_PRECISION_BITS = 32  # an operand left in fp32 (slot None, or a layer kept full precision)
 
 
-def steps_per_epoch(cfg, bundle) -> int:
-    """Optimizer steps per epoch, as the Trainer counts them (the last batch may be partial)."""
-    return len(make_loader(bundle.train, cfg.batch_size, shuffle=False, seed=0))
+def quantized(model: nn.Module, slots: tuple[str, ...] = FORWARD_SLOTS + GRAD_SLOTS) -> bool:
+    """Whether any layer of the model holds a quantizer in one of `slots`."""
+    return any(layer.slots[s] is not None for _, layer in quant_layers(model) for s in slots)
 
 
-def plan_from_config(cfg, bundle) -> PrecisionPlan:
-    """The run's PrecisionPlan over epochs x steps_per_epoch steps; ConfigError on a bad setting."""
-    node = cfg.get("schedule")
-    node = None if node is None else OmegaConf.to_container(node, resolve=True)
+def build_plan(node, total_steps: int) -> PrecisionPlan:
+    """The plan of a `schedule` config node over total_steps; ConfigError on a bad setting."""
     try:
-        return build_plan(node, max(1, cfg.epochs * steps_per_epoch(cfg, bundle)))
+        return plan_of(instantiate(node)(total_steps=max(1, total_steps)))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-
-
-def describe(plan: PrecisionPlan) -> str:
-    """One line: what drives w/a, what drives dx/dw, the eval precision."""
-
-    def one(s) -> str:
-        if s.min_bits == s.max_bits:
-            return f"static {s.max_bits}"
-        period = getattr(s, "period", None)
-        if plan.kind == "staged":
-            return "staged " + ",".join(f"{f:g}:{b}" for f, b in s.stages)
-        cycles = f" ({s.cycles} cycles of {period} steps)" if period else ""
-        return f"{plan.kind} {s.min_bits}..{s.max_bits}{cycles}"
-
-    fwd = one(plan.forward) if plan.forward is not None else "quant.bits_w/bits_a"
-    grad = one(plan.grad) if plan.grad is not None else "quant.bits_dx/bits_dw"
-    ev = plan.eval_bits if plan.eval_bits is not None else "quant.bits_w/bits_a"
-    return f"w/a: {fwd}; dx/dw: {grad}; eval at {ev}"
 
 
 class PrecisionSchedule(Hook):
@@ -64,7 +46,7 @@ class PrecisionSchedule(Hook):
 
     def __init__(self, model: nn.Module, plan: PrecisionPlan):
         self.model, self.plan = model, plan
-        self.label = describe(plan)
+        self.label = plan.describe()
         self._saved: list[tuple[object, int]] = []
 
     def before_step(self, step: int) -> None:
@@ -98,23 +80,43 @@ class PrecisionSchedule(Hook):
                                   f"asks for '{self.label}': resume with the same schedule overrides")
 
 
-def precision_hook(cfg, model: nn.Module, bundle) -> PrecisionSchedule | None:
+def schedule_hook(node, facts: RunFacts) -> PrecisionSchedule | None:
     """The schedule hook, or None for the default static schedule (each slot keeps its quant bits)."""
-    plan = plan_from_config(cfg, bundle)
+    plan = build_plan(node, facts.total_steps)
     if not plan.changes_bits:
         return None
-    if cfg.quant is None:
+    if not quantized(facts.model):
         raise ConfigError(f"schedule={plan.kind} sets quantizer bits but the run has no quantizers: "
                           "add +quant=<recipe> (e.g. +quant=per_sample), or drop the schedule overrides")
-    if plan.grad is not None and cfg.quant.grad is None:
-        raise ConfigError(f"schedule.grad_min_bits/grad_max_bits need quantized gradients but quant={cfg.quant.name} "
+    if plan.grad is not None and not quantized(facts.model, GRAD_SLOTS):
+        raise ConfigError("schedule.grad_min_bits/grad_max_bits need quantized gradients but the run's recipe "
                           "keeps them in fp32: use +quant=per_sample (or per_tensor, householder)")
     period = getattr(plan.forward, "period", None)
     if period is not None and period < plan.forward.max_bits - plan.forward.min_bits + 1:
         warnings.warn(f"schedule.cycles={plan.forward.cycles} gives {period}-step cycles, too short to visit "
                       f"every precision in {plan.forward.min_bits}..{plan.forward.max_bits}: lower schedule.cycles "
                       "or train longer", stacklevel=1)
-    return PrecisionSchedule(model, plan)
+    return PrecisionSchedule(facts.model, plan)
+
+
+class BitsProbe(Hook):
+    """Adds the bits each slot actually used (read back from the layers) to every record."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.last: dict[str, int] = {}
+
+    def after_step(self, step: int, batch: dict) -> dict:
+        self.last = {k: v for k, v in used_bits(self.model).items() if v is not None}
+        return {f"bits_{k}": v for k, v in self.last.items()}
+
+    def summary(self) -> dict:
+        return {"bits_used": self.last}  # the last training step's, not the evaluation's
+
+
+def bits_probe(node, facts: RunFacts) -> BitsProbe | None:
+    """For every quantized run; registered last, so it reads the bits the other hooks set."""
+    return BitsProbe(facts.model) if quantized(facts.model) else None
 
 
 # ----- BitOPs --------------------------------------------------------------------------------
@@ -154,7 +156,7 @@ class BitOpsCounter(Hook):
         index = (step - 1) % self.per_epoch
         return min(self.batch_size, self.n_train - index * self.batch_size)
 
-    def after_step(self, step: int) -> dict:
+    def after_step(self, step: int, batch: dict) -> dict:
         n = self.batch_at(step)
         self.total += step_bitops(self.macs, layer_bits(self.model, self.macs)) * n / self.sample_size
         self.samples += n
@@ -189,13 +191,13 @@ def _reference_bits(model: nn.Module, names, plan: PrecisionPlan) -> tuple[dict,
     return ref, f"static {label} (fp32 operands count as {fp} bits)"
 
 
-def bitops_hook(cfg, model: nn.Module, bundle) -> BitOpsCounter | None:
+def bitops_hook(node, facts: RunFacts) -> BitOpsCounter | None:
     """BitOPs accounting for every quantized run; MACs measured once on the first training batch."""
-    if cfg.quant is None:
+    if not quantized(facts.model):
         return None
-    plan = plan_from_config(cfg, bundle)
-    x, _ = next(iter(make_loader(bundle.train, cfg.batch_size, shuffle=False, seed=0)))
+    plan = build_plan(node, facts.total_steps)
+    x, _ = next(iter(make_loader(facts.train_set, facts.batch_size, shuffle=False, seed=0)))
     with torch.random.fork_rng(devices=[]):  # the measuring forward must not move the run's RNG
-        macs = measure_macs(model, x)
-    ref, label = _reference_bits(model, macs, plan)
-    return BitOpsCounter(model, macs, len(x), len(bundle.train), cfg.batch_size, ref, label)
+        macs = measure_macs(facts.model, x)
+    ref, label = _reference_bits(facts.model, macs, plan)
+    return BitOpsCounter(facts.model, macs, len(x), len(facts.train_set), facts.batch_size, ref, label)

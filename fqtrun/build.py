@@ -1,0 +1,202 @@
+"""Assemble a run from its config: task, data, model, quantized model, hooks, optimizer, lr.
+
+Every command that needs a model goes through here: `assemble` for a training run (fqtrun train,
+the precision range test, experiments), `load_train_run` for the commands that read a trained
+run's folder back (variance, mask, intbn). DEFAULT_HOOKS is the explicit list of techniques that
+plug into the loop; pass another sequence of HookSpecs to add or replace one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from fqtrun.analysis.variance import variance_hook
+from fqtrun.config import TrainConfig, instantiate_checked
+from fqtrun.errors import CheckpointError, ConfigError
+from fqtrun.precision.hooks import bitops_hook, bits_probe, schedule_hook
+from fqtrun.quant.backends import apply_backend
+from fqtrun.quant.convert import ConversionReport, convert
+from fqtrun.quant.layers import NoiseContext, QuantLayerMixin
+from fqtrun.quant.recipe import QuantConfig, slot_factory
+from fqtrun.sparsity.trainer_hook import sparsity_hook
+from fqtrun.tasks import Classification, Task
+from fqtrun.training.checkpoint import check_matches, load_checkpoint
+from fqtrun.training.hooks import HookSpec, NoiseStep, RunFacts, build_hooks
+from fqtrun.training.trainer import steps_per_epoch
+
+
+def noise_hook(node, facts: RunFacts) -> NoiseStep:
+    return NoiseStep(facts.noise)
+
+
+# The techniques that plug into the training loop, in the order they run each step.
+DEFAULT_HOOKS: tuple[HookSpec, ...] = (
+    HookSpec("noise", None, noise_hook),  # stochastic-rounding noise follows the global step
+    HookSpec("sparsity", "sparsity", sparsity_hook),  # masks refresh, SR-STE
+    HookSpec("variance", "variance", variance_hook),  # gradient-variance probe
+    HookSpec("schedule", "schedule", schedule_hook),  # precision schedule sets the bits
+    HookSpec("bitops", "schedule", bitops_hook),  # cumulative BitOPs
+    HookSpec("bits", None, bits_probe),  # last: reads back the bits the others set
+)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible: use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def build_task(cfg: DictConfig) -> Task:
+    """The run's objective (classification; the loss a probe differentiates too)."""
+    return Classification(label_smoothing=cfg.get("label_smoothing", 0.0))
+
+
+def build_model(model_cfg: DictConfig, bundle) -> nn.Module:
+    return instantiate(model_cfg, num_classes=bundle.num_classes, input_shape=tuple(bundle.input_shape))
+
+
+def model_name(cfg: DictConfig, choices: Mapping[str, str]) -> str:
+    """The model's config group option (e.g. cnn1d), or its class name when not composed from the group."""
+    return choices.get("model") or str(cfg.model._target_).rsplit(".", 1)[-1].lower()
+
+
+def quantize_model(recipe: QuantConfig | None, sparse: bool, model: nn.Module,
+                   noise: NoiseContext) -> ConversionReport | None:
+    """Apply the quant recipe (and make layers mask-capable for sparsity); None when the run is plain fp32."""
+    if recipe is None and not sparse:
+        return None
+    factory = slot_factory(recipe) if recipe is not None else (lambda slot, module: None)
+    report = convert(model, factory, noise, keep_first=bool(recipe and recipe.keep_first),
+                     keep_last=bool(recipe and recipe.keep_last), exclude=list(recipe.exclude) if recipe else [])
+    if recipe is not None:
+        apply_backend(model, recipe.backend, compile=recipe.compile)
+    return report
+
+
+def build_recipe(cfg: DictConfig) -> QuantConfig | None:
+    """The validated quant recipe of a config (None: full precision)."""
+    return instantiate_checked(cfg.get("quant"))
+
+
+@dataclass
+class Assembly:
+    """The pieces of one training run, built and wired, before the loop starts."""
+
+    bundle: object
+    task: Task
+    model: nn.Module
+    recipe: QuantConfig | None
+    report: ConversionReport | None
+    noise: NoiseContext
+    facts: RunFacts
+    hooks: list
+    optimizer: torch.optim.Optimizer
+    lr_at: Callable[[int], float]
+
+
+def assemble(cfg: DictConfig, device: torch.device, noise_seed: int, is_main: bool = True,
+             hook_specs: Sequence[HookSpec] = DEFAULT_HOOKS) -> Assembly:
+    """Build everything a training run needs from its config, on `device`.
+
+    The order is fixed (and so are the random draws): seed, data, model, quantization, hooks,
+    optimizer. `noise_seed` keys the stochastic rounding (DDP ranks draw their own).
+    """
+    recipe = build_recipe(cfg)  # a bad recipe stops the run before any data is built
+    torch.manual_seed(cfg.seed)
+    bundle = instantiate(cfg.dataset)
+    task = build_task(cfg)
+    model = build_model(cfg.model, bundle)
+    noise = NoiseContext(seed=noise_seed)
+    report = quantize_model(recipe, cfg.get("sparsity") is not None, model, noise)
+    per_epoch = steps_per_epoch(bundle.train, cfg.batch_size)
+    max_steps = cfg.trainer.max_steps
+    total = max_steps if max_steps is not None else per_epoch * cfg.epochs
+    facts = RunFacts(model=model, train_set=bundle.train, task=task, noise=noise, total_steps=max(1, total),
+                     steps_per_epoch=per_epoch, batch_size=cfg.batch_size, seed=cfg.seed,
+                     log_every=cfg.logger.log_every, is_main=is_main)
+    hooks = build_hooks(cfg, facts, hook_specs)
+    model.to(device)
+    optimizer = instantiate(cfg.optim)(params=model.parameters())
+    try:
+        lr_at = instantiate(cfg.lr)(total_steps=total, steps_per_epoch=per_epoch)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return Assembly(bundle, task, model, recipe, report, noise, facts, hooks, optimizer, lr_at)
+
+
+# ----- a trained run read back from its folder -----------------------------------------------
+def checkpoint_path(value: str) -> Path:
+    """A checkpoint setting as a file: a run folder means its last.pt."""
+    path = Path(value).expanduser()
+    return path / "last.pt" if path.is_dir() else path
+
+
+def load_weights(model: nn.Module, ckpt: dict, name: str, path: Path) -> None:
+    """A checkpoint's weights into `model`, with one-line errors on a mismatch (check_matches).
+
+    A sparse run's checkpoint holds weight masks: they are put on the quantized layers first (as
+    their weight_mask buffers), so the model's forward matches the run's.
+    """
+    for key, value in ckpt["model"].items():
+        owner, _, leaf = key.rpartition(".")
+        if leaf != "weight_mask" or not isinstance(value, torch.Tensor):
+            continue
+        try:
+            layer = model.get_submodule(owner)
+        except AttributeError:
+            continue  # check_matches names the mismatch
+        if isinstance(layer, QuantLayerMixin):
+            layer.weight_mask = torch.zeros_like(value)
+    check_matches(ckpt, model, name, path)
+    model.load_state_dict(ckpt["model"])
+
+
+@dataclass
+class TrainedRun:
+    """A `fqtrun train` run rebuilt from its folder: its config, checkpoint, model (eval mode), data, task."""
+
+    cfg: DictConfig
+    checkpoint: dict
+    model: nn.Module
+    bundle: object
+    name: str
+    task: Task
+    path: Path
+
+
+def load_train_run(checkpoint: str, command: str, require: Callable | None = None) -> TrainedRun:
+    """Rebuild a `fqtrun train` run's model from its folder.
+
+    `checkpoint` is a run folder's last.pt (or the folder); the model, dataset and quant/sparsity
+    recipe come from the folder's .hydra/config.yaml; the weights load through load_weights
+    (sparse runs' masks included). `command` names the caller in the error messages;
+    `require(cfg, model, name)` may refuse the run (one-line error) before the weights are loaded.
+    """
+    path = checkpoint_path(checkpoint)
+    ckpt = load_checkpoint(path)  # one-line CheckpointError when missing or corrupt
+    cfg_path = path.parent / ".hydra" / "config.yaml"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path} does not exist: {command} rebuilds the model from the run folder's "
+                              "config; pass checkpoint=<a fqtrun train run folder>/last.pt")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(cfg_path))
+    except Exception as e:
+        raise ConfigError(f"{cfg_path} does not match this fqtrun's train schema "
+                          f"({' '.join(str(e).split())[:160]})") from None
+    name = ckpt.get("model_name", "unknown")
+    bundle = instantiate(cfg.dataset)
+    model = build_model(cfg.model, bundle)
+    if require is not None:
+        require(cfg, model, name)
+    quantize_model(build_recipe(cfg), cfg.get("sparsity") is not None, model, NoiseContext(seed=cfg.seed))
+    load_weights(model, ckpt, name, path)
+    return TrainedRun(cfg, ckpt, model.eval(), bundle, name, build_task(cfg), path)

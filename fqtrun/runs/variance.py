@@ -1,0 +1,192 @@
+"""The gradient-variance study behind `fqtrun variance` (spec/fqt.md, "Measuring gradient variance").
+
+The forward pass is the QAT forward at variance.forward_bits (weights and input activations,
+nearest rounding); only the gradient quantizers change: dY of the input-gradient GEMM (dX) at the
+studied bits with each quantizer, dY of the weight-gradient GEMM (dW) with variance.dw_quantizer at
+variance.dw_bits (null = the studied bits, the stricter protocol; 8 = the paper's protocol).
+`run_study` writes variance.json, variance.csv and variance.png and returns the data.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from rich import box
+from rich.table import Table
+
+from fqtrun.analysis.variance import (
+    VarianceResult,
+    canonical_quantizer,
+    fqt_slots,
+    held_batches,
+    measure_variance,
+)
+from fqtrun.build import build_model, build_task, checkpoint_path, load_weights, pick_device, quantize_model
+from fqtrun.errors import ConfigError
+from fqtrun.files import write_json
+from fqtrun.quant.bits import check_bits
+from fqtrun.quant.gradient import make_gradient_quantizer
+from fqtrun.quant.layers import NoiseContext
+from fqtrun.quant.quantizers import GRANULARITIES
+from fqtrun.quant.recipe import DW_QUANTIZERS, QuantConfig
+from fqtrun.training.checkpoint import load_checkpoint
+
+
+def validate(v) -> list[str]:
+    """Checks the study settings; returns the canonical quantizer names (aliases resolved)."""
+    if not v.quantizers:
+        raise ConfigError("variance.quantizers is empty: pass e.g. variance.quantizers=[per_tensor,per_sample]")
+    if not v.bits:
+        raise ConfigError("variance.bits is empty: pass e.g. variance.bits=[4,8]")
+    names = [canonical_quantizer(q) for q in v.quantizers]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"variance.quantizers={list(v.quantizers)} names a quantizer twice (aliases count)")
+    if v.dw_quantizer not in DW_QUANTIZERS:
+        raise ConfigError(f"variance.dw_quantizer={v.dw_quantizer!r} is unknown: use one of {', '.join(DW_QUANTIZERS)}")
+    for name, bits in ((q, b) for q in names for b in v.bits):
+        try:
+            make_gradient_quantizer(name, bits)
+        except ValueError as e:
+            raise ConfigError(f"variance.bits={bits} with quantizer {name}: {e}") from None
+    if v.dw_bits is not None:
+        try:
+            make_gradient_quantizer(v.dw_quantizer, v.dw_bits)
+        except ValueError as e:
+            raise ConfigError(f"variance.dw_bits={v.dw_bits}: {e}") from None
+    if v.weight_granularity not in GRANULARITIES:
+        raise ConfigError(f"variance.weight_granularity={v.weight_granularity!r} is unknown: use one of "
+                          f"{', '.join(GRANULARITIES)}")
+    try:
+        check_bits(v.forward_bits, "variance.forward_bits")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for key, low in (("k", 1), ("batches", 2), ("batch_size", 1)):
+        if getattr(v, key) < low:
+            raise ConfigError(f"variance.{key}={getattr(v, key)} must be >= {low}")
+    return names
+
+
+def study_model(cfg: DictConfig, bundle, noise: NoiseContext, name: str) -> torch.nn.Module:
+    """The model with a QAT forward at variance.forward_bits, weights from the checkpoint if given."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, bundle)
+    v = cfg.variance
+    qat = QuantConfig(grad=None, bits_w=v.forward_bits, bits_a=v.forward_bits, bits_dx=v.forward_bits,
+                      bits_dw=v.forward_bits, weight_granularity=v.weight_granularity)
+    quantize_model(qat, False, model, noise)
+    if cfg.checkpoint:
+        path = checkpoint_path(cfg.checkpoint)
+        load_weights(model, load_checkpoint(path), name, path)
+    return model
+
+
+def run_study(cfg: DictConfig, out_dir: Path, model_name: str) -> tuple[dict, Table]:
+    """Measure; write variance.json / variance.csv / variance.png into out_dir; (the data, its table)."""
+    v = cfg.variance
+    names = validate(v)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    bundle = instantiate(cfg.dataset)
+    noise = NoiseContext(seed=cfg.seed)
+    model = study_model(cfg, bundle, noise, model_name).to(device)
+    batches = held_batches(bundle.train, v.batch_size, v.batches, cfg.seed)
+    bits = sorted({int(b) for b in v.bits})
+    setups = {(q, b): fqt_slots(q, b, v.dw_quantizer, v.dw_bits) for q in names for b in bits}
+    res = measure_variance(model, batches, setups, k=v.k, loss_fn=build_task(cfg).loss, seed=cfg.seed)
+
+    settings = {
+        "model": model_name, "dataset": bundle.name, "checkpoint": str(checkpoint_path(cfg.checkpoint))
+        if cfg.checkpoint else None, "forward_bits": v.forward_bits,
+        "dw_quantizer": v.dw_quantizer, "dw_bits": v.dw_bits,  # None: the studied bits
+        "k": v.k, "batches": v.batches, "batch_size": v.batch_size, "seed": cfg.seed,
+    }
+    data = to_json(res, names, bits, settings)
+    write_json(out_dir / "variance.json", data)
+    write_csv(out_dir / "variance.csv", res, names, bits)
+    plot(out_dir / "variance.png", res, names, bits, title=f"{model_name} / {bundle.name}, dW "
+         f"{'at the studied bits' if v.dw_bits is None else f'at {v.dw_bits} bits'}")
+    return data, table(res, names, bits, settings)
+
+
+def to_json(res: VarianceResult, names: list[str], bits: list[int], settings: dict) -> dict:
+    return {
+        "settings": settings,
+        "layers": res.layers,
+        "sampling": {"total": res.sampling, "per_layer": res.sampling_per_layer},
+        "quantization": {q: {str(b): {"total": res.quant[(q, b)], "per_layer": res.quant_per_layer[(q, b)]}
+                             for b in bits} for q in names},
+    }
+
+
+def write_csv(path: Path, res: VarianceResult, names: list[str], bits: list[int]) -> None:
+    """Long format: kind (sampling | quantization), quantizer, bits, layer (or total), variance."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["kind", "quantizer", "bits", "layer", "variance"])
+        for layer in ["total", *res.layers]:
+            w.writerow(["sampling", "", "", layer, res.sampling if layer == "total" else res.sampling_per_layer[layer]])
+        for q in names:
+            for b in bits:
+                per = res.quant_per_layer[(q, b)]
+                for layer in ["total", *res.layers]:
+                    w.writerow(["quantization", q, b, layer, res.quant[(q, b)] if layer == "total" else per[layer]])
+
+
+def drop_per_bit(values: list[float], bits: list[int]) -> float:
+    """Geometric-mean factor by which the variance falls per extra bit, first to last bit-width."""
+    span = bits[-1] - bits[0]
+    if span <= 0 or values[0] <= 0 or values[-1] <= 0:
+        return float("nan")
+    return (values[0] / values[-1]) ** (1.0 / span)
+
+
+def table(res: VarianceResult, names: list[str], bits: list[int], settings: dict) -> Table:
+    t = Table(title=f"quantization variance of the gradient (sampling variance {res.sampling:.3e})",
+              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+              caption=f"{settings['model']} / {settings['dataset']}, forward {settings['forward_bits']} bits, "
+                      f"dW {settings['dw_quantizer']} at {settings['dw_bits'] or 'the studied'} bits, K={res.k}, "
+                      f"{res.batches} batches",
+              caption_justify="left")
+    t.add_column("quantizer", style="bold", no_wrap=True)
+    for b in bits:
+        t.add_column(f"{b} bits", justify="right", no_wrap=True)
+    t.add_column("x/bit", justify="right", no_wrap=True)
+    order = sorted(range(len(bits)), key=lambda i: bits[i])
+    for q in names:
+        vals = [res.quant[(q, b)] for b in bits]
+        drop = drop_per_bit([vals[i] for i in order], [bits[i] for i in order])
+        t.add_row(q, *(f"{x:.2e}" for x in vals), "-" if math.isnan(drop) else f"{drop:.2f}x")
+    return t
+
+
+def plot(path: Path, res: VarianceResult, names: list[str], bits: list[int], title: str = "") -> None:
+    """Quantization variance vs bits (log scale), one line per quantizer, sampling variance as a level."""
+    from matplotlib.figure import Figure
+
+    from fqtrun.figures import save_figure
+
+    fig = Figure(figsize=(5.5, 4.0))
+    ax = fig.add_subplot()
+    xs = sorted(bits)
+    for q in names:
+        pts = [(b, res.quant[(q, b)]) for b in xs if res.quant[(q, b)] > 0]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=q)
+    if res.sampling > 0:
+        ax.axhline(res.sampling, color="black", linestyle="--", label="sampling variance")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits of the dX gradient quantizer")
+    ax.set_ylabel("variance of the gradient")
+    ax.set_xticks(xs)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    save_figure(fig, path)
+
+
