@@ -82,9 +82,9 @@ def quantize_model(recipe: QuantConfig | None, sparse: bool, model: nn.Module,
     return report
 
 
-def build_recipe(cfg: DictConfig) -> QuantConfig | None:
-    """The validated quant recipe of a config (None: full precision)."""
-    return instantiate_checked(cfg.get("quant"))
+def build_recipe(node: DictConfig | None) -> QuantConfig | None:
+    """The validated quant recipe of a `quant` config node (None: full precision)."""
+    return instantiate_checked(node)
 
 
 @dataclass
@@ -110,7 +110,7 @@ def assemble(cfg: DictConfig, device: torch.device, noise_seed: int, is_main: bo
     The order is fixed (and so are the random draws): seed, data, model, quantization, hooks,
     optimizer. `noise_seed` keys the stochastic rounding (DDP ranks draw their own).
     """
-    recipe = build_recipe(cfg)  # a bad recipe stops the run before any data is built
+    recipe = build_recipe(cfg.get("quant"))  # a bad recipe stops the run before any data is built
     torch.manual_seed(cfg.seed)
     bundle = instantiate(cfg.dataset)
     task = build_task(cfg)
@@ -197,6 +197,7 @@ def load_train_run(checkpoint: str, command: str, require: Callable | None = Non
     model = build_model(cfg.model, bundle)
     if require is not None:
         require(cfg, model, name)
-    quantize_model(build_recipe(cfg), cfg.get("sparsity") is not None, model, NoiseContext(seed=cfg.seed))
+    recipe = build_recipe(cfg.get("quant"))
+    quantize_model(recipe, cfg.get("sparsity") is not None, model, NoiseContext(seed=cfg.seed))
     load_weights(model, ckpt, name, path)
     return TrainedRun(cfg, ckpt, model.eval(), bundle, name, build_task(cfg), path)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import statistics
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fqtrun.commands.bench import median_ratios, run_bench
+from fqtrun.cli import main
+from fqtrun.commands.bench import run_bench
 from fqtrun.errors import ConfigError
 
 CONF = str(Path(__file__).resolve().parents[1] / "fqtrun" / "conf")
@@ -19,12 +19,6 @@ CONF = str(Path(__file__).resolve().parents[1] / "fqtrun" / "conf")
 def bench_cfg(*overrides: str):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         return compose(config_name="bench", overrides=["bench.quick=true", *overrides])
-
-
-def test_median_ratios_pair_each_repetition_with_its_base():
-    times = {"base": [1.0, 2.0, 10.0], "x": [2.0, 4.0, 5.0]}
-    assert median_ratios(times, "x")["base"] == statistics.median([0.5, 0.5, 2.0])
-    assert median_ratios(times, "base") == {"base": 1.0, "x": 2.0}
 
 
 def test_quick_bench_writes_every_figure(tmp_path):
@@ -52,3 +46,16 @@ def test_quick_bench_writes_every_figure(tmp_path):
 def test_bench_refuses_bad_settings(tmp_path):
     with pytest.raises(ConfigError, match="bench.reps=0 must be >= 1"):
         run_bench(bench_cfg("bench.reps=0", "bench.quick=false"), tmp_path)
+
+
+def test_quick_mode_refuses_a_size_it_would_ignore(tmp_path, monkeypatch, capsys):
+    """`fqtrun bench bench.quick=true bench.reps=5`: one line naming the fix, exit 2, nothing measured."""
+    monkeypatch.setattr("sys.argv", ["fqtrun"])  # the CLI rewrites it for Hydra
+    monkeypatch.delenv("FQTRUN_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "bench.quick=true", "bench.reps=5", f"hydra.run.dir={tmp_path}"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: bench.reps=5 is ignored with bench.quick=true (quick mode uses its own tiny sizes): "
+        "drop bench.reps or bench.quick"]
+    assert not (tmp_path / "bench.json").exists()

@@ -1,0 +1,41 @@
+"""The benchmark's result dict (suite.run_suite) as rich tables: one for the quantizers and one per model's
+train steps, for every thread count."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def result_tables(result: dict) -> list[Table]:
+    """The tables of every run (thread count) in `result`, in the order they are printed."""
+    tables = []
+    for run in result["runs"]:
+        t = Table(title=f"quantizers, {run['threads']} thread(s), load {run['load'][0]:.1f}", title_justify="left")
+        for col in ("operation", "x clone", "ms", "BHQ / PSQ"):
+            t.add_column(col)
+        for k, v in run["quantizers"].items():
+            t.add_row(k, f"{v['x_clone']:.2f}", f"{v['median_ms']:.2f}", f"{v['x_psq']:.2f}" if "x_psq" in v else "")
+        tables.append(t)
+        tables += [step_table(run[part], run["threads"]) for part in ("linear", "cnn")]
+    return tables
+
+
+def step_table(b: dict, threads: int) -> Table:
+    """One model's train-step figures (step_bench's dict)."""
+    t = Table(title=f"train step, {b['model']}, {threads} thread(s)", title_justify="left")
+    for col in ("recipe", "time / fp32", "speedup vs fp32", "ms", "note"):
+        t.add_column(col)
+    for k, v in b["steps"].items():
+        if "status" in v:
+            t.add_row(k, "", "", "", v["status"])
+            continue
+        note = f"{v['speedup_vs_bf16']:.2f}x vs bf16" if "speedup_vs_bf16" in v else ""
+        if k == "FQT int8":
+            note += f"; {b['int8_layers_ran_int8']}/{b['layers']} layers all-int8"
+        t.add_row(k, f"{v['x_fp32']:.2f}", f"{v['speedup_vs_fp32']:.2f}x", f"{v['median_ms']:.1f}", note)
+    return t
+
+
+def load_line(result: dict) -> str:
+    """The machine's load average before and after the run: how far to trust the figures."""
+    return f"load average before/after: {result['load_before'][0]:.2f} / {result['load_after'][0]:.2f}"

@@ -1,0 +1,37 @@
+"""The result dict as tables: every figure and note a reader of `fqtrun bench` looks for."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from fqtrun.bench.tables import load_line, result_tables
+
+
+def steps(model: str) -> dict:
+    return {"model": model, "int8_layers_ran_int8": 2, "layers": 3, "steps": {
+        "fp32": {"x_fp32": 1.0, "speedup_vs_fp32": 1.0, "median_ms": 10.0},
+        "FQT int8": {"x_fp32": 0.5, "speedup_vs_fp32": 2.0, "median_ms": 5.0, "speedup_vs_bf16": 1.5},
+        "torchao int8 mixed precision": {"status": "not installed"}}}
+
+
+RESULT = {"load_before": [0.5, 0, 0], "load_after": [0.75, 0, 0], "runs": [{
+    "threads": 2, "load": [0.6, 0, 0],
+    "quantizers": {"clone": {"x_clone": 1.0, "median_ms": 1.0},
+                   "householder SR eager": {"x_clone": 8.0, "median_ms": 8.0, "x_psq": 1.25}},
+    "linear": steps("mlp"), "cnn": steps("cnn1d")}]}
+
+
+def test_one_quantizer_table_and_one_step_table_per_model_and_thread_count():
+    tables = result_tables(RESULT)
+    assert [t.title for t in tables] == ["quantizers, 2 thread(s), load 0.6", "train step, mlp, 2 thread(s)",
+                                         "train step, cnn1d, 2 thread(s)"]
+    console = Console(record=True, width=200)
+    for t in tables:
+        console.print(t)
+    text = console.export_text()
+    for needle in ("1.25", "2.00x", "1.50x vs bf16; 2/3 layers all-int8", "not installed"):
+        assert needle in text
+
+
+def test_load_line():
+    assert load_line(RESULT) == "load average before/after: 0.50 / 0.75"
