@@ -8,6 +8,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from fqtrun.allocator import keep_freed_memory
 
 CONF = Path(__file__).resolve().parent / "conf"
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}: use one of {', '.join(COMMANDS)} (fqtrun --help)", file=sys.stderr)
         sys.exit(2)
-    problem = check_group_choices(argv[1:]) or check_output_dir(argv[1:])
+    problem = check_group_choices(argv[1:]) or check_unchosen_groups(argv[1:]) or check_output_dir(argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
@@ -75,6 +77,21 @@ def check_group_choices(overrides: list[str]) -> str | None:
     return None
 
 
+OPTIONAL_GROUPS = {"quant": "qat, per_tensor, per_sample, householder", "sparsity": "nm, transposable"}
+
+
+def check_unchosen_groups(overrides: list[str]) -> str | None:
+    """A setting of an optional group (quant.bits_w=4) without the group chosen (+quant=...): it would do nothing."""
+    chosen = {m.group(1) for a in overrides if (m := re.fullmatch(r"[+~]{0,2}([a-z_]+)=.*", a))}
+    for arg in overrides:
+        m = re.fullmatch(r"[+~]{0,2}([a-z_]+)\.[^=]*=.*", arg)
+        if m and m.group(1) in OPTIONAL_GROUPS and m.group(1) not in chosen:
+            group = m.group(1)
+            return (f"{arg.lstrip('+~')} sets the {group} recipe but none is chosen: add +{group}=<"
+                    f"{OPTIONAL_GROUPS[group].replace(', ', '|')}>")
+    return None
+
+
 def check_composes(command: str, overrides: list[str]) -> str | None:
     """Compose the config once before Hydra does, to report a bad key or type in one line.
 
@@ -99,8 +116,24 @@ def check_composes(command: str, overrides: list[str]) -> str | None:
         what = next((ln for ln in lines if re.match(r"(Key|Value) '", ln)), None) or next(
             (ln for ln in lines if not ln.startswith(skip)), lines[0] if lines else type(e).__name__)
         where = f" (setting {key})" if key else ""
+        elsewhere = options_with(key) if key and what.startswith("Key ") else []
+        if elsewhere:
+            group = key.split(".")[0]
+            return (f"{key} does not exist for the chosen {group} option: it belongs to "
+                    f"{' or '.join(f'{group}={o}' for o in elsewhere)}; choose that option or drop {key}")
         return f"{what}{where}: see `fqtrun {command} --help` for the settings and their types"
     return None
+
+
+def options_with(key: str) -> list[str]:
+    """The options of key's config group whose schema has the setting (sparsity.method -> [transposable])."""
+    from hydra.core.config_store import ConfigStore
+
+    group, _, rest = key.partition(".")
+    first = rest.split(".")[0]
+    schemas = ConfigStore.instance().repo.get("schema", {}).get(group, {})
+    return sorted(name.removesuffix(".yaml") for name, node in schemas.items()
+                  if isinstance(node.node, DictConfig) and first in node.node)
 
 
 def check_output_dir(overrides: list[str]) -> str | None:

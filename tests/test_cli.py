@@ -86,3 +86,22 @@ def test_schema_errors_are_one_line(tmp_path, args, expected):
     out = fqtrun(*args, cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.strip() == f"error: {expected}: see `fqtrun train --help` " \
         "for the settings and their types", out.stderr
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["bits=4"], "bits=4 sets quantizer bits but the run has no quantization recipe: add +quant="),
+    (["quant.bits_w=4"], "quant.bits_w=4 sets the quant recipe but none is chosen: add +quant=<qat|"),
+    (["+sparsity=nm", "sparsity.method=greedy"],
+     "sparsity.method does not exist for the chosen sparsity option: it belongs to sparsity=transposable"),
+    (["lr.min_lr_ratio=0.1"], "lr.min_lr_ratio does not exist for the chosen lr option: it belongs to lr=cosine"),
+])
+def test_settings_that_would_do_nothing_refuse(tmp_path, capsys, args, expected):
+    """In-process (the subprocess form is tested above): refused before any data or model is built."""
+    from fqtrun.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", *args, f"hydra.run.dir={tmp_path}", "logger.wandb.mode=disabled"])
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert not (tmp_path / "metrics.jsonl").exists()
