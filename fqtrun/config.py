@@ -42,12 +42,9 @@ class AdamWConfig:
 
 
 @dataclass
-class AdamConfig:
+class AdamConfig(AdamWConfig):
     _target_: str = "torch.optim.Adam"
-    _partial_: bool = True
-    lr: float = 1e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # L2 in the gradient (AdamW decouples it)
 
 
 # ----- learning-rate schedules (group lr: instantiate(cfg.lr)(total_steps=..., steps_per_epoch=...)) ---------

@@ -47,18 +47,13 @@ class CosineSchedule(_ScheduleCommon):
 
 
 @dataclass
-class TriangularSchedule(_ScheduleCommon):
+class TriangularSchedule(CyclicSchedule):
     _target_: str = f"{_PKG}.Triangular"
-    min_bits: int = 3
-    max_bits: int = 8
-    cycles: int = 32
 
 
 @dataclass
-class LinearSchedule(_ScheduleCommon):
+class LinearSchedule(CosineSchedule):
     _target_: str = f"{_PKG}.Linear"
-    min_bits: int = 3
-    max_bits: int = 8
 
 
 @dataclass

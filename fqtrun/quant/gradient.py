@@ -22,27 +22,10 @@ from dataclasses import dataclass
 import torch
 
 from fqtrun.quant import native
+from fqtrun.quant.bits import check_bits
 from fqtrun.quant.grid import covering_grid, covering_grid_from_range, sr_quantize, sr_quantize_compiled
 
 Tensor = torch.Tensor
-
-MAX_BITS = 16  # codes are exact integers in float32 and fit int32
-
-
-def _check_bits(name: str, bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise ValueError(  # noqa: TRY004 (project rule: bad settings raise ValueError)
-            f"{name}: bits={bits!r} must be an int in 2..{MAX_BITS}: pass e.g. bits=4"
-        )
-    if bits < 2:
-        raise ValueError(
-            f"{name}: bits={bits} must be >= 2: stochastic rounding on a 1-bit grid holding 0 "
-            "cannot be unbiased for signed gradients; use bits=2 or more"
-        )
-    if bits > MAX_BITS:
-        raise ValueError(f"{name}: bits={bits} must be <= {MAX_BITS}: use the exact (fp32) regime instead")
-    return bits
-
 
 def _as_matrix(name: str, x: Tensor) -> Tensor:
     if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
@@ -231,7 +214,7 @@ class _SRGradientQuantizer:
 
     @bits.setter
     def bits(self, value: int) -> None:
-        self._bits = _check_bits(type(self).__name__, value)
+        self._bits = check_bits(value, f"{type(self).__name__}: bits", "gradient")
 
     def _grid(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError

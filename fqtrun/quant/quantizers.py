@@ -13,19 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from fqtrun.quant import grid, ridge
+from fqtrun.quant.bits import check_bits
 
 Tensor = torch.Tensor
 
 GRANULARITIES = ("tensor", "channel")
-
-
-def check_bits(bits: object, setting: str, low: int = 1, high: int = 32) -> int:
-    """Validate a bit-width setting; one-line ValueError naming the setting otherwise."""
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise ValueError(f"{setting}={bits!r} must be an integer number of bits ({low}..{high})")
-    if not low <= bits <= high:
-        raise ValueError(f"{setting}={bits} is out of range: use {low}..{high} bits")
-    return bits
 
 
 @dataclass
@@ -65,7 +57,6 @@ class MinMaxQuantizer:
 
 
 RIDGE_FORMS = ("affine", "linear")
-RIDGE_MAX_BITS = 8
 
 
 @dataclass
@@ -105,7 +96,7 @@ class RidgeQuantizer:
         if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
             raise ValueError(f"quant.block={block!r} must be a positive number of elements (or null)")
         self.setting = setting
-        self.bits = check_bits(bits, setting, 1, RIDGE_MAX_BITS)
+        self.bits = check_bits(bits, setting, "ridge")
         self.form, self.lam, self.ternary = form, float(lam), bool(ternary)
         self.granularity, self.block, self.channel_dim = granularity, block, channel_dim
 
@@ -115,7 +106,7 @@ class RidgeQuantizer:
             if self.bits == 1 and not self.ternary:
                 raise ValueError(f"{self.setting}=1 with a sparsity mask: 1-bit codes have no zero level; "
                                  f"use quant.ternary=true or {self.setting} >= 2")
-        return dict(bits="ternary" if self.ternary else check_bits(self.bits, self.setting, 1, RIDGE_MAX_BITS),
+        return dict(bits="ternary" if self.ternary else check_bits(self.bits, self.setting, "ridge"),
                     form=self.form, granularity="block" if self.block else self.granularity,
                     block=self.block or 1, channel_dim=self.channel_dim, mask=mask)
 

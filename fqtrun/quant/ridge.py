@@ -33,6 +33,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from fqtrun.quant.bits import check_bits
+
 Tensor = torch.Tensor
 Bits = int | str  # 1..8 or "ternary"
 
@@ -42,8 +44,8 @@ TERNARY_SCALE = 1.4  # s_f = 1.4 mean|x|: zero code for |x| < 0.7 mean|x|
 
 
 def _check(bits: Bits, form: str, lam: float, granularity: str, block: int) -> None:
-    if bits != "ternary" and not (isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= 8):
-        raise ValueError(f"bits={bits!r} must be an int in 1..8 or 'ternary' (levels -1, 0, 1)")
+    if bits != "ternary":
+        check_bits(bits, "bits", "ridge")  # or 'ternary' (levels -1, 0, 1)
     if form not in _FORMS:
         raise ValueError(f"form={form!r} must be 'affine' (y = s (q - mean q) + mean x) or 'linear' (y = s q)")
     if not lam >= 0:
