@@ -115,7 +115,7 @@ def untouched(model: nn.Module) -> Iterator[None]:
     training = model.training
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     layers = [layer for _, layer in quant_layers(model)]
-    used = [dict(layer._used) for layer in layers]  # read back by the bits probe after every step
+    used = [dict(layer.record.bits) for layer in layers]  # read back by the bits probe after every step
     draws = [(layer.noise, layer.noise.draw) for layer in layers]
     devices = sorted({b.device.index or 0 for b in _tensors(model) if b.is_cuda})
     with torch.random.fork_rng(devices=devices):
@@ -127,7 +127,7 @@ def untouched(model: nn.Module) -> Iterator[None]:
                 for b, old in buffers:
                     b.copy_(old)
             for layer, u in zip(layers, used):
-                layer._used = u
+                layer.record.bits = u
             for noise, d in draws:
                 noise.draw = d
 

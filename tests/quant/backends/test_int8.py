@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from fqtrun.quant import fused, grid
-from fqtrun.quant.backends import IntOperand, apply_backend, backend_report, grad_operand, int_matmul
+from fqtrun.quant.backends import apply_backend, backend_report
+from fqtrun.quant.backends.int8 import IntOperand, grad_operand, int_matmul
 from fqtrun.quant.convert import convert
 from fqtrun.quant.gradient import make_gradient_quantizer
 from fqtrun.quant.layers import NoiseContext
@@ -125,7 +126,7 @@ def test_conv_backends_agree_bit_for_bit_on_exact_grids(conv):
     gy = on_grid(out_shape, -3, 8, gen)
     kw = {"grad": "per_tensor", "grad_dw": "per_tensor"}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("fqtrun.quant.backends.MIN_CONV_GEMM", 1)  # run these small convs through im2col int8
+        mp.setattr("fqtrun.quant.backends.int8.MIN_CONV_GEMM", 1)  # run these small convs through im2col int8
         int8_model = quantized(nn.Sequential(conv), "int8", **kw)
         int8 = run(int8_model, x, gy)
         assert backend_report(int8_model) == {"0": "int8"}
@@ -166,7 +167,7 @@ def test_conv_backends_agree_to_fp32_rounding_on_random_data(grad, conv):
     x = torch.randn(6, conv.in_channels, *([11] * (conv.weight.dim() - 2)))
     gy = torch.randn(model(x).shape) * torch.rand(6, *([1] * (x.dim() - 1)))  # samples of different scales
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("fqtrun.quant.backends.MIN_CONV_GEMM", 1)
+        mp.setattr("fqtrun.quant.backends.int8.MIN_CONV_GEMM", 1)
         int8_model = quantized(model, "int8", grad=grad)
         int8 = run(int8_model, x, gy)
         assert backend_report(int8_model) == {"0": "int8"}

@@ -1,14 +1,12 @@
-"""Compute backends of the quantized layers' three GEMMs (spec/fqt.md, spec/performance.md).
+"""The int8 and auto backends: the quantized layers' three GEMMs on integer codes (spec/performance.md).
 
-simulate  fp32 GEMMs on dequantized (fake-quantized) operands: functional.FQTLinear / FQTConv.
 int8      the forward GEMM Y = X W^T, the input-gradient GEMM dX = Q(dY) W and the weight-gradient
           GEMM dW = Q(dY)^T X run as torch._int_mm on the integer codes (int8 in, int32 accumulation),
           scales applied outside. Convolutions run as the same GEMMs on im2col columns built from
           the int8 codes (and folded back per tap) when groups == 1 and the GEMM is big enough to
           win (MIN_CONV_GEMM), simulate otherwise. A GEMM whose operands are not both on an affine
           grid of <= 8 bits, or whose scales vary along its reduction (per-channel weights in dX),
-          runs in fp32 on the dequantized codes. `backend_report(model)` says what each layer ran
-          in its last step.
+          runs in fp32 on the dequantized codes. The layer's RunRecord says what each GEMM ran.
 auto      int8 for a layer whose four slots all hold quantizers of <= 8 bits, simulate otherwise.
 
 Zero points (the choice made here): the min-max and covering grids are asymmetric, codes c in
@@ -28,15 +26,16 @@ from dataclasses import dataclass
 import torch
 
 from fqtrun.quant import fused, grid
+from fqtrun.quant.backends.base import Backend, RunRecord
+from fqtrun.quant.backends.simulate import Simulate
 from fqtrun.quant.quantizers import MinMaxQuantizer
 
 Tensor = torch.Tensor
 
-BACKENDS = ("simulate", "int8", "auto")
 INT8_MAX_BITS = 8
 MAX_K = (2**31 - 1) // (255 * 255)  # longest reduction whose int32 sum of 8-bit code products cannot overflow
 MIN_CONV_GEMM = 32  # im2col int8 only when both C_in*k and C_out are at least this (smaller: fp32 wins)
-GEMMS = ("fwd", "dx", "dw")
+_SIMULATE = Simulate()  # runs the layers that int8 and auto refuse
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,14 +152,17 @@ class _FpOperand(IntOperand):
         return self.q
 
 
-def _grad_matrix(layer, slot: str, g2: Tensor, need_row_grid: bool) -> tuple[IntOperand, object | None, str | None]:
+def _grad_matrix(layer, record: RunRecord, slot: str, g2: Tensor,
+                 need_row_grid: bool) -> tuple[IntOperand, object | None, str | None]:
     """(operand of Q(g2), BHQ transform or None, why not int8 or None) for a backward GEMM.
 
-    The codes are the ones quantize_grad would use (same quantizer, same seed); None slot -> fp32 g2.
+    The codes are the ones simulate.quantize_grad dequantizes (same quantizer, same seed);
+    None slot -> fp32 g2.
     """
-    gc = layer.grad_codes(slot, g2)
-    if gc is None:
+    q = record.use(slot, layer.slots[slot])
+    if q is None:
         return fp_operand(g2), None, "dY full precision"
+    gc = q.quantize(g2, layer.grad_seed(slot))
     op = grad_operand(gc)
     if op is None:
         return fp_operand(gc.dequantize().float()), None, f"{gc.bits} bits > {INT8_MAX_BITS}"
@@ -172,36 +174,84 @@ def _grad_matrix(layer, slot: str, g2: Tensor, need_row_grid: bool) -> tuple[Int
     return op, gc.transform, None
 
 
-def _backward_gemm(layer, slot: str, g2: Tensor, other: IntOperand, note: dict, gemm: str) -> Tensor:
+def _backward_gemm(layer, record: RunRecord, slot: str, g2: Tensor, other: IntOperand,
+                   compile: bool) -> Tensor:
     """dX = Q(g2) @ other (slot dx) or dW = Q(g2)^T @ other (slot dw), int8 where possible."""
-    op, transform, why = _grad_matrix(layer, slot, g2, need_row_grid=(slot == "dx"))
+    op, transform, why = _grad_matrix(layer, record, slot, g2, need_row_grid=(slot == "dx"))
     left = op if slot == "dx" else op.t()
     if why is not None:
-        note[gemm] = f"fp32 ({why})"
+        record.gemms[slot] = f"fp32 ({why})"
         return left.dequantize() @ other.dequantize()
-    out = matmul(left, other, note, gemm, layer.compile)
+    out = matmul(left, other, record.gemms, slot, compile)
     return transform.inverse_(out) if transform is not None else out
 
 
 # ----------------------------------------------------------------------------------------------
-# planning: which layers run int8
+# the backends: which layers run int8
 
 
-def layer_eligible(layer) -> str | None:
-    """Why this layer's forward GEMM cannot run int8 under its backend, or None."""
-    if layer.backend == "simulate":
-        return "backend=simulate"
+class Int8(Backend):
+    """The three GEMMs on int8 codes where the layer allows (refusal), else the simulate backend.
+
+    compile=True fuses the forward quantization and the GEMM epilogues with torch.compile (first use
+    compiles, eager on failure).
+    """
+
+    name = "int8"
+
+    def refusal(self, layer) -> str | None:
+        """Why this layer's forward GEMM cannot run int8, or None."""
+        return _operand_refusal(layer) or _conv_refusal(layer)
+
+    def run(self, layer, x: Tensor, record: RunRecord) -> Tensor:
+        why = self.refusal(layer)
+        if why is not None:
+            record.gemms = {"fwd": f"simulate ({why})"}
+            return _SIMULATE.run(layer, x, record)
+        w = layer.masked_weight()
+        fn = Int8Linear if isinstance(layer, torch.nn.Linear) else Int8Conv
+        return fn.apply(x, w, layer.bias, layer, record, self.compile)
+
+    def describe(self, record: RunRecord) -> str:
+        used = record.gemms
+        if set(used) == {"fwd"} and used["fwd"].startswith("simulate"):
+            return used["fwd"]
+        if used and all(v == "int8" for v in used.values()):  # a GEMM not needed (no input grad) is absent
+            return "int8"
+        return super().describe(record)
+
+
+class Auto(Int8):
+    """int8 for a layer whose four slots all hold quantizers of <= 8 bits, simulate otherwise."""
+
+    name = "auto"
+
+    def refusal(self, layer) -> str | None:
+        return _operand_refusal(layer) or _auto_refusal(layer) or _conv_refusal(layer)
+
+
+def _operand_refusal(layer) -> str | None:
+    """Why the forward operands (slots a, w) have no int8 codes, or None."""
     if getattr(layer.slots["w"], "takes_mask", False):
         return "weight quantizer fits against the dense weight"
     for s in ("a", "w"):
         why = _int8_slot(layer.slots[s])
         if why:
             return f"slot {s}: {why}"
-    if layer.backend == "auto":
-        for s in ("dx", "dw"):
-            q = layer.slots[s]
-            if q is None or q.bits > INT8_MAX_BITS:
-                return f"auto: slot {s} is {'full precision' if q is None else f'{q.bits} bits'}"
+    return None
+
+
+def _auto_refusal(layer) -> str | None:
+    """auto: why a gradient slot rules int8 out (full precision or more than 8 bits), or None."""
+    for s in ("dx", "dw"):
+        q = layer.slots[s]
+        if q is None or q.bits > INT8_MAX_BITS:
+            return f"auto: slot {s} is {'full precision' if q is None else f'{q.bits} bits'}"
+    return None
+
+
+def _conv_refusal(layer) -> str | None:
+    """Why a convolution does not run as im2col int8 GEMMs (grouped, padding, too small), or None."""
     if isinstance(layer, torch.nn.modules.conv._ConvNd):
         if layer.groups != 1 or isinstance(layer.padding, str) or layer.padding_mode != "zeros":
             return "conv: grouped or non-numeric padding"
@@ -211,62 +261,56 @@ def layer_eligible(layer) -> str | None:
     return None
 
 
-def int8_forward(layer, x: Tensor) -> Tensor | None:
-    """The layer's output through the int8 backend, or None (the caller runs simulate)."""
-    why = layer_eligible(layer)
-    if why is not None:
-        layer.backend_used = {"fwd": f"simulate ({why})"}
-        return None
-    w = layer.masked_weight()
-    if isinstance(layer, torch.nn.Linear):
-        return Int8Linear.apply(x, w, layer.bias, layer)
-    return Int8Conv.apply(x, w, layer.bias, layer)
-
-
-def _activation_operand(layer, x: Tensor) -> IntOperand:
+def _activation_operand(layer, record: RunRecord, x: Tensor, compile: bool) -> IntOperand:
     """Slot a's per-tensor operand of x (any shape: the codes keep it)."""
-    qa = layer.slots["a"]
-    layer._used["a"] = qa.bits
+    qa = record.use("a", layer.slots["a"])
     scale, zero = grid.minmax_grid(x, qa.bits)
-    codes = fused.nearest_int8(x, scale, zero, qa.bits, compile=layer.compile)
+    codes = fused.nearest_int8(x, scale, zero, qa.bits, compile=compile)
     return IntOperand(codes, _alpha(zero).view(1, 1), scale.float().view(1, 1))
 
 
-def _weight_operand(layer, w2: Tensor) -> IntOperand:
-    qw = layer.slots["w"]
-    layer._used["w"] = qw.bits
-    return forward_operand(qw, w2, per_row=qw.granularity == "channel", compile=layer.compile)
+def _weight_operand(layer, record: RunRecord, w2: Tensor, compile: bool) -> IntOperand:
+    qw = record.use("w", layer.slots["w"])
+    return forward_operand(qw, w2, per_row=qw.granularity == "channel", compile=compile)
 
 
 class Int8Linear(torch.autograd.Function):
     """Y = X W^T + b with all three GEMMs on int8 codes; straight-through to x and w (as simulate)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None, layer) -> Tensor:
+    def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None, layer, record: RunRecord,
+                compile: bool) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        xo, wo = _activation_operand(layer, x2), _weight_operand(layer, w)
-        note: dict = {}
-        y = matmul(xo, wo.t(), note, "fwd", layer.compile)  # (N, out)
+        xo, wo = _activation_operand(layer, record, x2, compile), _weight_operand(layer, record, w, compile)
+        record.gemms = {}
+        y = matmul(xo, wo.t(), record.gemms, "fwd", compile)  # (N, out)
         if bias is not None:
             y.add_(bias)
-        layer.backend_used = note
-        ctx.ops, ctx.layer, ctx.x_shape, ctx.has_bias = (xo, wo), layer, x.shape, bias is not None
+        _save(ctx, (xo, wo), layer, record, compile, bias)
+        ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, gy: Tensor):
         xo, wo = ctx.ops
-        layer, note = ctx.layer, ctx.layer.backend_used
+        layer, record, compile = ctx.layer, ctx.record, ctx.compile
         g2 = gy.reshape(-1, gy.shape[-1]).float()  # (N, out), one row per sample (or token)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _backward_gemm(layer, "dx", g2, wo, note, "dx").reshape(ctx.x_shape).to(gy.dtype)
+            gx = _backward_gemm(layer, record, "dx", g2, wo, compile).reshape(ctx.x_shape).to(gy.dtype)
         if ctx.needs_input_grad[1]:
-            gw = _backward_gemm(layer, "dw", g2, xo, note, "dw").to(gy.dtype)
+            gw = _backward_gemm(layer, record, "dw", g2, xo, compile).to(gy.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0).to(gy.dtype)
         ctx.ops = None
-        return gx, gw, gb, None
+        return gx, gw, gb, None, None, None
+
+
+def _save(ctx, ops: tuple[IntOperand, IntOperand], layer, record: RunRecord, compile: bool,
+          bias: Tensor | None) -> None:
+    """What the backward of Int8Linear / Int8Conv reads: the operands (freed after one backward), the layer,
+    its record and the compile flag."""
+    ctx.ops, ctx.layer, ctx.record, ctx.compile, ctx.has_bias = ops, layer, record, compile, bias is not None
 
 
 def _conv_geometry(layer, x: Tensor):
@@ -313,50 +357,50 @@ class Int8Conv(torch.autograd.Function):
     """Conv1d/Conv2d (groups 1) as im2col GEMMs on int8 codes; same quantized rows as FQTConv."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None, layer) -> Tensor:
+    def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None, layer, record: RunRecord,
+                compile: bool) -> Tensor:
         x4, k, s, p, d = _conv_geometry(layer, x)
         b = x.shape[0]
         # the activation grid is the one of x (padding zeros sit on it: every grid holds 0 exactly)
-        xo, out_spatial = _int8_columns(_activation_operand(layer, x4), k, s, p, d)
-        wo = _weight_operand(layer, w.reshape(w.shape[0], -1))
-        note: dict = {}
-        y = matmul(xo, wo.t(), note, "fwd", layer.compile)  # (B*Ho*Wo, C_out)
+        xo, out_spatial = _int8_columns(_activation_operand(layer, record, x4, compile), k, s, p, d)
+        wo = _weight_operand(layer, record, w.reshape(w.shape[0], -1), compile)
+        record.gemms = {}
+        y = matmul(xo, wo.t(), record.gemms, "fwd", compile)  # (B*Ho*Wo, C_out)
         if bias is not None:
             y.add_(bias)
         y = y.view(b, *out_spatial, -1).movedim(-1, 1).reshape(b, -1, *(out_spatial if x.dim() == 4 else out_spatial[1:]))
-        layer.backend_used = note
-        ctx.ops, ctx.layer, ctx.geom = (xo, wo), layer, (x.shape, x4.shape, k, s, p, d, out_spatial)
-        ctx.has_bias = bias is not None
+        _save(ctx, (xo, wo), layer, record, compile, bias)
+        ctx.geom = (x.shape, x4.shape, k, s, p, d, out_spatial)
         return y.contiguous()
 
     @staticmethod
     def backward(ctx, gy: Tensor):
         xo, wo = ctx.ops
-        layer, note = ctx.layer, ctx.layer.backend_used
+        layer, record, compile = ctx.layer, ctx.record, ctx.compile
         x_shape, x4_shape, k, s, p, d, out_spatial = ctx.geom
         b, c_out = gy.shape[0], gy.shape[1]
         gy = gy.float()
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             # dX quantizer: one row per sample over C_out*positions (as FQTConv)
-            op, transform, why = _grad_matrix(layer, "dx", gy.reshape(b, -1), need_row_grid=True)
+            op, transform, why = _grad_matrix(layer, record, "dx", gy.reshape(b, -1), need_row_grid=True)
             rows = _sample_rows_to_positions(op, b, c_out)  # (B*L, C_out)
             if why is not None:
-                note["dx"] = f"fp32 ({why})"
+                record.gemms["dx"] = f"fp32 ({why})"
                 dcols = rows.dequantize() @ wo.dequantize()
             else:
-                dcols = matmul(rows, wo, note, "dx", layer.compile)  # (B*L, C*k)
+                dcols = matmul(rows, wo, record.gemms, "dx", compile)  # (B*L, C*k)
             gx = _fold_columns(dcols, x4_shape, k, s, p, d, out_spatial).reshape(b, -1)
             if transform is not None:
                 gx = transform.inverse_(gx)
             gx = gx.reshape(x_shape)
         if ctx.needs_input_grad[1]:
             cols = gy.movedim(1, -1).reshape(-1, c_out)  # (B*L, C_out): dW quantizer, one column per channel
-            gw = _backward_gemm(layer, "dw", cols, xo, note, "dw").reshape(layer.weight.shape)
+            gw = _backward_gemm(layer, record, "dw", cols, xo, compile).reshape(layer.weight.shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.sum(dim=[i for i in range(gy.dim()) if i != 1])
         ctx.ops = None
-        return gx, gw, gb, None
+        return gx, gw, gb, None, None, None
 
 
 def _sample_rows_to_positions(op: IntOperand, b: int, c_out: int) -> IntOperand:
@@ -370,38 +414,3 @@ def _sample_rows_to_positions(op: IntOperand, b: int, c_out: int) -> IntOperand:
     if isinstance(op, _FpOperand):
         return _FpOperand(q, op.alpha, op.scale)
     return IntOperand(q, per_pos(op.alpha), per_pos(op.scale))
-
-
-# ----------------------------------------------------------------------------------------------
-# configuration and reporting
-
-
-def apply_backend(model: torch.nn.Module, backend: str, compile: bool = False) -> None:
-    """Set the compute backend (simulate | int8 | auto) of every quantized layer; compile=True fuses the
-    int8 forward quantization and GEMM epilogues with torch.compile (first use compiles, eager on failure)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"quant.backend={backend!r} is unknown: use one of {', '.join(BACKENDS)}")
-    for m in model.modules():
-        if hasattr(m, "slots") and hasattr(m, "backend"):
-            m.backend = backend
-            m.compile = bool(compile)
-
-
-def backend_report(model: torch.nn.Module) -> dict[str, str]:
-    """Layer name -> what its GEMMs ran in the last step ("int8", "simulate (...)", or per GEMM)."""
-    out = {}
-    for name, m in model.named_modules():
-        if not (hasattr(m, "slots") and hasattr(m, "backend")):
-            continue
-        used = getattr(m, "backend_used", None)
-        if m.backend == "simulate":
-            out[name] = "simulate"
-        elif not used:
-            out[name] = f"{m.backend} (not run yet)"
-        elif set(used) == {"fwd"} and used["fwd"].startswith("simulate"):
-            out[name] = used["fwd"]
-        elif all(v == "int8" for v in used.values()):  # a GEMM not needed (input without grad) is absent
-            out[name] = "int8"
-        else:
-            out[name] = ", ".join(f"{g}={used[g]}" for g in GEMMS if g in used)
-    return out
