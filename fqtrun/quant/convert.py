@@ -77,7 +77,6 @@ def convert(
     keep_last: bool = False,
     exclude: tuple[str, ...] | list[str] = (),
     module_filter: Callable[[nn.Module, str], bool] | None = None,
-    backend: str = "simulate",
 ) -> ConversionReport:
     """Replace quantizable layers in place; `make_slot(slot, module)` builds each slot's quantizer."""
     layers = quantizable_layers(model)
@@ -103,7 +102,7 @@ def convert(
             report.kept[name] = reason
             continue
         new = _swap(module)
-        new.setup_quant(slots, noise, index=i, backend=backend)
+        new.setup_quant(slots, noise, index=i)  # simulate; quant.backends.apply_backend picks another
         _set_submodule(model, name, new)
         report.converted.append(name)
     return report

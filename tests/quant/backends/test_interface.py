@@ -47,7 +47,8 @@ def model(backend: str) -> nn.Module:
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv1d(3, 40, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(40 * 9, 5))
     cfg = QuantConfig(grad="householder", bits_w=4, bits_a=4, bits_dx=4, bits_dw=8)
-    convert(m, slot_factory(cfg), NoiseContext(seed=1), backend=backend)
+    convert(m, slot_factory(cfg), NoiseContext(seed=1))
+    apply_backend(m, backend)
     return m
 
 
