@@ -1,4 +1,5 @@
-"""Integer-exact BN + requantization (spec/denoise_bn.md part B) against exact-rational references."""
+"""Integer-exact BN + requantization (spec/denoise_bn.md part B): the derivation (fqtrun.intbn.derive) and
+the two ops (fqtrun.intbn.requant) against exact-rational references and brute-force enumeration."""
 
 import math
 import random
@@ -8,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from fqtrun.bn_int import (
-    IntegerBNRequant,
+from fqtrun.intbn.derive import (
+    LayerFixedPoint,
     bn_affine,
-    convert_bn_requant,
-    float_reference,
+    derive_layer,
     naive_fixed_point,
     optimal_fixed_point,
     verify,
 )
+from fqtrun.intbn.requant import ExactBNRequant, IntegerBNRequant
 
 INT32 = (-(2**31), 2**31 - 1)
 
@@ -48,6 +49,13 @@ def random_layer(rng: random.Random, C: int, k: int, neg_frac: float = 0.2) -> d
     }
 
 
+def convert(p: dict, k: int) -> tuple[IntegerBNRequant, LayerFixedPoint, list, list]:
+    """The integer op of a layer's BN parameters at k output bits, exact over int32; (op, (A, B, T), a, b)."""
+    a_list, b_list = bn_affine(**p)
+    fp = derive_layer(a_list, b_list, k, INT32)
+    return IntegerBNRequant(fp.A, fp.B, fp.T, 2**k - 1), fp, a_list, b_list
+
+
 def probe_points(a: Fraction, b: Fraction, L: int, margin: int = 3) -> list[int]:
     """Every threshold +- margin, both saturated tails of int32, and 0."""
     pts = set(range(INT32[0], INT32[0] + margin)) | set(range(INT32[1] - margin, INT32[1] + 1)) | {0}
@@ -68,32 +76,26 @@ def check_module_exact(module: IntegerBNRequant, a_list, b_list, L: int) -> int:
         got = module(x)[:, c].tolist()
         want = [direct(p, a, b, L) for p in pts]
         assert got == want, f"channel {c}: first mismatch at x={pts[[g != w for g, w in zip(got, want)].index(True)]}"
-        assert float_reference(torch.tensor(pts), a, b, L).tolist() == want
+        assert ExactBNRequant([a], [b], L)(torch.tensor(pts)[:, None])[:, 0].tolist() == want
         n += len(pts)
     return n
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
-@pytest.mark.parametrize("nearest", [True, False])
-def test_random_layers_bit_exact(k, nearest):
+def test_random_layers_bit_exact(k):
     rng = random.Random(100 + k)
     L = 2**k - 1
     signs = set()
-    for i in range(3):
-        p = random_layer(rng, C=4, k=k, neg_frac=0.5)
-        a_list, b_list = bn_affine(**p, nearest=nearest)
-        # exact over the int32 range; one layer with a shared shift
-        module, report = convert_bn_requant(**p, bits=k, nearest=nearest, shared_shift=i == 0)
+    for _ in range(6):
+        module, fp, a_list, b_list = convert(random_layer(rng, C=4, k=k, neg_frac=0.5), k)  # exact over int32
         assert check_module_exact(module, a_list, b_list, L) > 0
         for c, (a, b) in enumerate(zip(a_list, b_list)):
-            assert verify(report["A"][c], report["B"][c], report["T"][c], a, b, L, INT32)
-            A, B, T = optimal_fixed_point(a, b, L)  # exact for every integer: check over all thresholds
-            unbounded = IntegerBNRequant([A], [B], [T], L)
-            assert check_module_exact(unbounded, [a], [b], L) > 0
+            assert verify(fp.A[c], fp.B[c], fp.T[c], a, b, L, INT32)
+            A, B, T = optimal_fixed_point(a, b, L, INT32)  # one channel alone: the same (A, B, T)
+            assert (A, B, T) == (fp.A[c], fp.B[c], fp.T[c])
+            assert check_module_exact(IntegerBNRequant([A], [B], [T], L), [a], [b], L) > 0
             assert (A < 0) == (a < 0)
             signs.add(a > 0)
-        if i == 0:
-            assert report["T"] == [max(report["shift"])] * 4
     assert signs == {True, False}  # gamma < 0 (a < 0) is exercised
 
 
@@ -110,7 +112,7 @@ def test_ties_at_one_half(k):
             v = a * x + b - Fraction(1, 2)
             ties += v.denominator == 2 and 0 < v < L
     assert ties >= L  # channel 0 alone (a = 1/4, b0 = 0) ties once per level at x = 4m + 2
-    module, _ = convert_bn_requant(**p, bits=k)
+    module, _, _, _ = convert(p, k)
     check_module_exact(module, a_list, b_list, L)
     xs = torch.arange(-200, 201).repeat(3, 1).T.contiguous()
     want = torch.tensor([[direct(int(x), a, b, L) for a, b in zip(a_list, b_list)] for x in xs[:, 0]])
@@ -122,8 +124,8 @@ def test_zero_gamma_is_constant():
          "var": [1.0, 1.0, 1.0], "eps": 1e-5, "s_in": 1e-3, "s_out": 0.1}
     a_list, b_list = bn_affine(**p)
     assert all(a == 0 for a in a_list)
-    module, report = convert_bn_requant(**p, bits=4)
-    assert report["shift"] == [0, 0, 0]
+    module, fp, _, _ = convert(p, 4)
+    assert fp.T == [0, 0, 0]
     check_module_exact(module, a_list, b_list, 15)
     out = module(torch.tensor([[INT32[0]] * 3, [0] * 3, [INT32[1]] * 3]))
     assert out.tolist() == [[3, 0, 15]] * 3  # floor(0.3 / 0.1 + .5) = 3 (0.3/0.1 < 3 in floats), clipped, clipped
@@ -141,7 +143,7 @@ def test_verify_agrees_with_enumeration():
         L = rng.choice([1, 3, 15])
         a = Fraction(rng.uniform(-0.5, 0.5)).limit_denominator(10**6)
         b = Fraction(rng.uniform(-10, 20)).limit_denominator(10**6)
-        A, B, T = optimal_fixed_point(a, b, L, x_range=(lo, hi))
+        A, B, T = optimal_fixed_point(a, b, L, (lo, hi))
         for dA, dB in [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1), (0, 1 << max(T - 2, 0))]:
             cand = (A + dA, B + dB, T)
             enum = all(min(max((cand[0] * x + cand[1]) >> T, 0), L) == direct(x, a, b, L) for x in xs)
@@ -162,8 +164,8 @@ def test_shift_is_minimal_by_brute_force():
         t = [math.ceil((j - b) / a) for j in range(1, L + 1)]
         if not (lo < t[0] and t[-1] <= hi and t[1] - t[0] >= 2):
             continue  # need every threshold inside and a flat unclipped step at level 1
-        A, B, T = optimal_fixed_point(a, b, L, x_range=(lo, hi))
-        assert optimal_fixed_point(a, b, L)[2] == T  # all thresholds inside: same problem as unbounded
+        A, B, T = optimal_fixed_point(a, b, L, (lo, hi))
+        assert optimal_fixed_point(a, b, L, INT32)[2] == T  # all thresholds inside: the same problem as int32
         want = np.array([direct(int(x), a, b, L) for x in xs])
         assert np.array_equal(np.clip((A * xs + B) >> T, 0, L), want)
         if T == 0:
@@ -183,11 +185,11 @@ def test_ours_never_worse_than_naive_over_90_layers():
     per_layer, per_channel = [], []
     for i in range(90):
         k = (2, 4, 8)[i % 3]
-        _, rep = convert_bn_requant(**random_layer(rng, C=4, k=k), bits=k)
-        assert None not in rep["shift_naive"]
-        assert all(o <= n for o, n in zip(rep["shift"], rep["shift_naive"]))
-        per_layer.append((rep["max_shift"], rep["max_shift_naive"]))
-        per_channel += list(zip(rep["shift"], rep["shift_naive"]))
+        _, fp, _, _ = convert(random_layer(rng, C=4, k=k), k)
+        assert None not in fp.T_naive
+        assert all(o <= n for o, n in zip(fp.T, fp.T_naive))
+        per_layer.append((max(fp.T), max(fp.T_naive)))
+        per_channel += list(zip(fp.T, fp.T_naive))
     ours, naive = zip(*per_layer)
     co, cn = zip(*per_channel)
     print(f"\n90 layers (k=2,4,8; int32 accumulator), layer shift = max over 4 channels: "
@@ -196,13 +198,15 @@ def test_ours_never_worse_than_naive_over_90_layers():
     assert sum(ours) < sum(naive)
 
 
-def test_float_reference_matches_direct():
+def test_exact_reference_matches_direct():
+    """ExactBNRequant (thresholds counted, mirrored for a < 0, constant for a == 0) is floor(a x + b) clipped."""
     rng = random.Random(3)
-    for _ in range(20):
-        a = Fraction(rng.uniform(-2, 2)).limit_denominator(1000) * rng.choice([1, 0])
-        b = Fraction(rng.uniform(-5, 20))
-        xs = list(range(-60, 61))
-        assert float_reference(torch.tensor(xs), a, b, 15).tolist() == [direct(x, a, b, 15) for x in xs]
+    xs = list(range(-60, 61))
+    a_list = [Fraction(rng.uniform(-2, 2)).limit_denominator(1000) * rng.choice([1, 0]) for _ in range(20)]
+    b_list = [Fraction(rng.uniform(-5, 20)) for _ in range(20)]
+    assert {a > 0 for a in a_list} | {a < 0 for a in a_list} == {True, False} and 0 in a_list
+    y = ExactBNRequant(a_list, b_list, 15)(torch.tensor(xs)[:, None].repeat(1, 20))
+    assert y.tolist() == [[direct(x, a, b, 15) for a, b in zip(a_list, b_list)] for x in xs]
 
 
 def test_bad_inputs_raise():
@@ -212,10 +216,15 @@ def test_bad_inputs_raise():
         bn_affine([1.0], [0.0], [0.0], [1.0], 1e-5, 1.0, 0.0)
     with pytest.raises(ValueError, match="per channel"):
         bn_affine([1.0, 2.0], [0.0, 0.0, 0.0], [0.0], [1.0], 1e-5, 1.0, 1.0)
-    with pytest.raises(ValueError, match="bits"):
-        convert_bn_requant([1.0], [0.0], [0.0], [1.0], 1e-5, 1.0, 1.0, bits=0)
+    a_list, b_list = bn_affine([1.0], [0.0], [0.0], [1.0], 1e-5, 1.0, 1.0)
+    with pytest.raises(ValueError, match="bits=0 is out of range"):
+        derive_layer(a_list, b_list, 0, INT32)
+    with pytest.raises(ValueError, match="bits=11 is too wide for integer BN"):
+        derive_layer(a_list, b_list, 11, INT32)
+    with pytest.raises(ValueError, match="does not fit a signed 32-bit accumulator"):
+        derive_layer(a_list, b_list, 4, (0, 2**31))
     with pytest.raises(ValueError, match="max_shift"):
-        optimal_fixed_point(Fraction(1, 3), Fraction(0), 255, max_shift=2)
+        optimal_fixed_point(Fraction(1, 3), Fraction(0), 255, INT32, max_shift=2)
     module = IntegerBNRequant([1, 2], [0, 0], [0, 0], 3)
     with pytest.raises(ValueError, match="int64"):
         module(torch.zeros(2, 2, dtype=torch.int32))

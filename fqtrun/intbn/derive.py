@@ -1,8 +1,8 @@
 """Integer-exact BatchNorm + requantization: clip((A x + B) >> T, 0, L) == clip(floor(a x + b), 0, L).
 
 spec/denoise_bn.md part B (Lin et al., arXiv 2008.13128). x is the integer accumulator of one channel,
-L = 2^k - 1, a = gamma s_in / (sigma s_out), b = (beta - gamma mu / sigma) / s_out (+ 1/2 for nearest,
-i.e. round half up). All arithmetic is exact (fractions.Fraction of the float parameters, Python ints);
+L = 2^k - 1, a = gamma s_in / (sigma s_out), b = (beta - gamma mu / sigma) / s_out + 1/2 (round to
+nearest, half up). All arithmetic is exact (fractions.Fraction of the float parameters, Python ints);
 the one inexact step is sigma = sqrt(var + eps), taken as the float64 square root.
 
 Exactness conditions (a > 0): y >= j iff x >= t_j = ceil((j - b) / a). With A >= 0 the integer form
@@ -19,15 +19,28 @@ B = the constant output.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
 import torch
 
+from fqtrun.quant.bits import check_bits
+
 Range = tuple[int, int]
 _HALF = Fraction(1, 2)
-MAX_LEVELS = 1023  # the exact search is O(L^2) in pairs of thresholds: at most 10 output bits
+MAX_BITS = 10  # the exact search is O(L^2) in pairs of the L = 2^bits - 1 thresholds: at most 10 output bits
+MAX_LEVELS = (1 << MAX_BITS) - 1
+NAIVE_MAX_SHIFT = 62  # last shift the naive baseline tries: round(a 2^T) still fits int64 for |a| < 2
+
+
+def check_output_bits(bits: object, setting: str) -> int:
+    """`bits` as a forward bit-width (fqtrun.quant.bits) that integer BN can also convert (<= MAX_BITS)."""
+    check_bits(bits, setting, "forward")
+    if bits > MAX_BITS:
+        raise ValueError(f"{setting}={bits} is too wide for integer BN: use 1..{MAX_BITS} output bits (the exact "
+                         f"(A, B, T) search pairs all 2^bits - 1 thresholds)")
+    return bits
 
 
 def _round_half_up(v: Fraction) -> int:
@@ -40,7 +53,7 @@ def _clip(v: int, L: int) -> int:
 
 def _check_L(L: int) -> None:
     if not (isinstance(L, int) and 1 <= L <= MAX_LEVELS):
-        raise ValueError(f"L={L!r} must be an int in 1..{MAX_LEVELS} (L = 2^k - 1 for k = 1..10 output bits)")
+        raise ValueError(f"L={L!r} must be an int in 1..{MAX_LEVELS} (L = 2^k - 1 for k = 1..{MAX_BITS} output bits)")
 
 
 def _check_range(x_range: Range) -> Range:
@@ -60,8 +73,7 @@ def _channels(v, C: int, name: str) -> list[Fraction]:
     return [Fraction(f) for f in flat]
 
 
-def bn_affine(gamma, beta, mean, var, eps, s_in, s_out, nearest: bool = True,
-              zero_out: int = 0) -> tuple[list[Fraction], list[Fraction]]:
+def bn_affine(gamma, beta, mean, var, eps, s_in, s_out, zero_out: int = 0) -> tuple[list[Fraction], list[Fraction]]:
     """Per-channel exact (a, b) of BN followed by requantization to step s_out (spec B).
 
     zero_out: the integer zero point of the output grid (code = round(y / s_out) + zero_out), added to b.
@@ -79,7 +91,7 @@ def bn_affine(gamma, beta, mean, var, eps, s_in, s_out, nearest: bool = True,
             raise ValueError(f"var + eps = {float(vc + ec)} at channel {c} must be > 0; raise eps")
         sigma = Fraction(math.sqrt(float(vc + ec)))
         a_list.append(gc * si / (sigma * so))
-        b_list.append((bc - gc * mc / sigma) / so + (_HALF if nearest else 0) + int(zero_out))
+        b_list.append((bc - gc * mc / sigma) / so + _HALF + int(zero_out))
     return a_list, b_list
 
 
@@ -93,20 +105,24 @@ def thresholds(a: Fraction, b: Fraction, L: int) -> list[int]:
     return [-((-(num0 + j * step)) // den) for j in range(1, L + 1)]
 
 
-def float_reference(x_int: torch.Tensor, a: Fraction, b: Fraction, L: int) -> torch.Tensor:
-    """Exact y = clip(floor(a x + b), 0, L) for an int64 tensor of accumulators (any shape)."""
-    x = torch.as_tensor(x_int)
-    if x.dtype != torch.int64:
-        raise ValueError(f"x_int must be an int64 tensor, got {x.dtype}")
-    if a == 0:
-        return torch.full_like(x, _clip(math.floor(b), L))
-    if a < 0:
-        return float_reference(-x, -a, b, L)
-    t = thresholds(a, b, L)
-    i64 = torch.iinfo(torch.int64)
-    always = sum(tj <= i64.min for tj in t)  # reached by every int64 x
-    inside = torch.tensor([tj for tj in t if i64.min < tj <= i64.max], dtype=torch.int64)
-    return always + torch.searchsorted(inside, x, right=True)  # y = #{j : t_j <= x}
+def threshold_rows(a_list: list[Fraction], b_list: list[Fraction], L: int) -> tuple[list[list[int]], list[int]]:
+    """Per channel the L thresholds of y = #{j : t_j <= sign x} and the sign (-1 for a < 0: mirrored).
+
+    a == 0 gives the constant clip(floor(b), 0, L): thresholds far below (always counted) or far above.
+    """
+    _check_L(L)
+    far = 1 << 62  # beyond any accumulator: thresholds below always count, above never
+    rows, signs = [], []
+    for a, b in zip(a_list, b_list):
+        a, b = Fraction(a), Fraction(b)
+        if a == 0:
+            k = _clip(math.floor(b), L)
+            t = [-far] * k + [far] * (L - k)
+        else:
+            t = [min(max(tj, -far), far) for tj in thresholds(abs(a), b, L)]
+        rows.append(t)
+        signs.append(-1 if a < 0 else 1)
+    return rows, signs
 
 
 def _pair_arrays(lower: list[tuple[int, int]], upper: list[tuple[int, int]]):
@@ -120,27 +136,22 @@ def _pair_arrays(lower: list[tuple[int, int]], upper: list[tuple[int, int]]):
     return (u[:, None] - v[None, :]).ravel(), (j[:, None] - k[None, :]).ravel()
 
 
-def optimal_fixed_point(
-    a: Fraction, b: Fraction, L: int, max_shift: int = 40, x_range: Range | None = None
-) -> tuple[int, int, int]:
-    """(A, B, T) with the smallest shift T exact for every integer x (or every x in x_range).
+def optimal_fixed_point(a: Fraction, b: Fraction, L: int, x_range: Range, max_shift: int = 40) -> tuple[int, int, int]:
+    """(A, B, T) with the smallest shift T <= max_shift exact for every integer x in x_range.
 
     Within the feasible intervals at that T, A and B are the integers nearest a 2^T and b 2^T.
     """
     _check_L(L)
     a, b = Fraction(a), Fraction(b)
+    lo, hi = _check_range(x_range)
     if a == 0:
         return 0, _clip(math.floor(b), L), 0
     if a < 0:
-        mirrored = None if x_range is None else (-_check_range(x_range)[1], -_check_range(x_range)[0])
-        A, B, T = optimal_fixed_point(-a, b, L, max_shift, mirrored)
+        A, B, T = optimal_fixed_point(-a, b, L, (-hi, -lo), max_shift)
         return -A, B, T
-    lo, hi = (None, None) if x_range is None else _check_range(x_range)
-    t = thresholds(a, b, L)
-    if x_range is not None:
-        t = [min(max(tj, lo), hi + 1) for tj in t]
-    lower = [(tj, j) for j, tj in enumerate(t, 1) if hi is None or tj <= hi]  # A t_j + B >= j 2^T
-    upper = [(tj - 1, j) for j, tj in enumerate(t, 1) if lo is None or tj - 1 >= lo]  # A(t_j-1)+B <= j2^T-1
+    t = [min(max(tj, lo), hi + 1) for tj in thresholds(a, b, L)]
+    lower = [(tj, j) for j, tj in enumerate(t, 1) if tj <= hi]  # A t_j + B >= j 2^T
+    upper = [(tj - 1, j) for j, tj in enumerate(t, 1) if tj - 1 >= lo]  # A (t_j - 1) + B <= j 2^T - 1
     D, dj = _pair_arrays(lower, upper)
     if (L << max_shift) >= 2**62:  # (j - k) 2^T + 1 would overflow int64
         D, dj = D.astype(object), dj.astype(object)
@@ -179,20 +190,19 @@ def optimal_fixed_point(
     return A, B, T
 
 
-def naive_fixed_point(
-    a: Fraction, b: Fraction, L: int, x_range: Range, max_shift: int = 62, min_shift: int = 0
-) -> tuple[int, int, int]:
-    """Baseline A = round(a 2^T), B = round(b 2^T) with the smallest T exact over x_range (T searched upward).
+def naive_fixed_point(a: Fraction, b: Fraction, L: int, x_range: Range, min_shift: int = 0) -> tuple[int, int, int]:
+    """Baseline A = round(a 2^T), B = round(b 2^T) with the smallest T <= NAIVE_MAX_SHIFT exact over x_range
+    (T searched upward).
 
     min_shift: start of the search; the optimal shift over the same range is a valid start (nothing is
-    exact below it), which convert_bn_requant uses.
+    exact below it), which derive_layer uses.
     """
     _check_L(L)
-    for T in range(min_shift, max_shift + 1):
+    for T in range(min_shift, NAIVE_MAX_SHIFT + 1):
         A, B = _round_half_up(Fraction(a) * (1 << T)), _round_half_up(Fraction(b) * (1 << T))
         if verify(A, B, T, a, b, L, x_range):
             return A, B, T
-    raise ValueError(f"naive rounding is not exact for any shift <= max_shift={max_shift}")
+    raise ValueError(f"naive rounding is not exact for any shift <= {NAIVE_MAX_SHIFT}")
 
 
 def verify(A: int, B: int, T: int, a: Fraction, b: Fraction, L: int, x_range: Range) -> bool:
@@ -218,93 +228,30 @@ def verify(A: int, B: int, T: int, a: Fraction, b: Fraction, L: int, x_range: Ra
     )
 
 
-class IntegerBNRequant(torch.nn.Module):
-    """clip((A x + B) >> T, 0, L) per channel on int64 accumulators of shape (N, C, ...)."""
+@dataclass
+class LayerFixedPoint:
+    """(A, B, T) per channel of one layer and the shift naive rounding needs (None: never exact)."""
 
-    def __init__(self, A: Sequence[int], B: Sequence[int], T: Sequence[int], L: int):
-        super().__init__()
-        self.register_buffer("A", torch.as_tensor(A, dtype=torch.int64).reshape(-1))
-        self.register_buffer("B", torch.as_tensor(B, dtype=torch.int64).reshape(-1))
-        self.register_buffer("T", torch.as_tensor(T, dtype=torch.int64).reshape(-1))
-        if not (self.A.numel() == self.B.numel() == self.T.numel()) or (self.T < 0).any():
-            raise ValueError("A, B, T must have one entry per channel and T >= 0")
-        self.L = int(L)
-
-    def extra_repr(self) -> str:
-        return f"channels={self.A.numel()}, L={self.L}, max_shift={int(self.T.max()) if self.T.numel() else 0}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        C = self.A.numel()
-        if x.dtype != torch.int64 or x.dim() < 2 or x.shape[1] != C:
-            raise ValueError(f"expected an int64 accumulator of shape (N, {C}, ...), got {x.dtype} {tuple(x.shape)}")
-        bound = int(x.abs().max()) if x.numel() else 0
-        if int(self.A.abs().max()) * bound + int(self.B.abs().max()) >= 2**63:
-            raise ValueError(f"A x + B overflows int64 for |x| up to {bound}; lower max_shift or the accumulator range")
-        shape = (1, C) + (1,) * (x.dim() - 2)
-        y = (self.A.view(shape) * x + self.B.view(shape)) >> self.T.view(shape)
-        return y.clamp_(0, self.L)
+    A: list[int]
+    B: list[int]
+    T: list[int]
+    T_naive: list[int | None]
 
 
-class ExactBNRequant(torch.nn.Module):
-    """The float reference clip(floor(a x + b), 0, L) per channel, exact: y = #{j : t_j <= x} (thresholds).
+def derive_layer(a_list: list[Fraction], b_list: list[Fraction], bits: int, x_range: Range, acc_bits: int = 32,
+                 max_shift: int = 40) -> LayerFixedPoint:
+    """Optimal (A, B, T) per channel for `bits` output bits, exact over x_range (inside the acc_bits range).
 
-    Vectorised over (N, C, ...) int64 accumulators with one row of L thresholds per channel; a < 0 counts
-    thresholds of the mirrored channel at -x, a == 0 is the constant clip(floor(b), 0, L).
+    The naive shift of each channel is searched from its optimal one (nothing is exact below it).
     """
-
-    def __init__(self, a_list: Sequence[Fraction], b_list: Sequence[Fraction], L: int):
-        super().__init__()
-        _check_L(L)
-        far = 1 << 62  # beyond any accumulator: thresholds below always count, above never
-        rows, signs = [], []
-        for a, b in zip(a_list, b_list):
-            a, b = Fraction(a), Fraction(b)
-            if a == 0:
-                k = _clip(math.floor(b), L)
-                t = [-far] * k + [far] * (L - k)
-            else:
-                t = [min(max(tj, -far), far) for tj in thresholds(abs(a), b, L)]
-            rows.append(t)
-            signs.append(-1 if a < 0 else 1)
-        self.register_buffer("t", torch.tensor(rows, dtype=torch.int64).reshape(len(rows), L))
-        self.register_buffer("sign", torch.tensor(signs, dtype=torch.int64))
-        self.L = int(L)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        C = self.t.shape[0]
-        if x.dtype != torch.int64 or x.dim() < 2 or x.shape[1] != C:
-            raise ValueError(f"expected an int64 accumulator of shape (N, {C}, ...), got {x.dtype} {tuple(x.shape)}")
-        shape = (1, C) + (1,) * (x.dim() - 2)
-        xc = (x * self.sign.view(shape)).movedim(1, 0).reshape(C, -1)  # (C, M)
-        y = torch.searchsorted(self.t, xc, right=True)  # per channel: thresholds <= x
-        return y.reshape(x.movedim(1, 0).shape).movedim(0, 1)
-
-
-def convert_bn_requant(
-    gamma, beta, mean, var, eps, s_in, s_out, bits: int,
-    nearest: bool = True, acc_bits: int = 32, max_shift: int = 40, shared_shift: bool = False, zero_out: int = 0,
-    x_range: Range | None = None,
-) -> tuple[IntegerBNRequant, dict]:
-    """Integer BN + requantization to `bits` output bits, exact over the acc_bits accumulator range.
-
-    x_range=(lo, hi) narrows that to the accumulators a layer can reach (smaller shifts); it must lie
-    inside the acc_bits range. zero_out: integer zero point of the output grid (see bn_affine).
-
-    shared_shift=True gives every channel the layer's largest shift (A, B scaled by 2^(T_max - T), still
-    exact). Returns the module and a report: per-channel optimal shift, shift_naive (None where naive
-    rounding is never exact by shift 62), the module's A, B, T, the rational a, b as floats, and summaries.
-    """
-    if not (isinstance(bits, int) and 1 <= bits <= 10):
-        raise ValueError(f"bits={bits!r} must be an int in 1..10 (output levels L = 2^bits - 1)")
+    check_output_bits(bits, "bits")
     if not (isinstance(acc_bits, int) and 2 <= acc_bits <= 48):
         raise ValueError(f"acc_bits={acc_bits!r} must be an int in 2..48 (signed accumulator width)")
     L = (1 << bits) - 1
-    full = (-(1 << (acc_bits - 1)), (1 << (acc_bits - 1)) - 1)
-    x_range = full if x_range is None else _check_range(x_range)
-    if x_range[0] < full[0] or x_range[1] > full[1]:
+    x_range = _check_range(x_range)
+    if x_range[0] < -(1 << (acc_bits - 1)) or x_range[1] >= 1 << (acc_bits - 1):
         raise ValueError(f"x_range={x_range} does not fit a signed {acc_bits}-bit accumulator: raise acc_bits")
-    a_list, b_list = bn_affine(gamma, beta, mean, var, eps, s_in, s_out, nearest, zero_out)
-    params = [optimal_fixed_point(a, b, L, max_shift, x_range) for a, b in zip(a_list, b_list)]
+    params = [optimal_fixed_point(a, b, L, x_range, max_shift) for a, b in zip(a_list, b_list)]
     naive = []
     for a, b, (_, _, t_opt) in zip(a_list, b_list, params):
         try:
@@ -312,15 +259,4 @@ def convert_bn_requant(
         except ValueError:
             naive.append(None)
     A, B, T = (list(col) for col in zip(*params))
-    shift = list(T)
-    if shared_shift:
-        top = max(T)
-        A, B, T = [v << (top - t) for v, t in zip(A, T)], [v << (top - t) for v, t in zip(B, T)], [top] * len(T)
-    report = {
-        "bits": bits, "acc_bits": acc_bits, "x_range": list(x_range), "A": A, "B": B, "T": T, "shift": shift, "shift_naive": naive,
-        "a": [float(a) for a in a_list], "b": [float(b) for b in b_list],
-        "mean_shift": sum(shift) / len(shift), "max_shift": max(shift),
-        "mean_shift_naive": None if None in naive else sum(naive) / len(naive),
-        "max_shift_naive": None if None in naive else max(naive),
-    }
-    return IntegerBNRequant(A, B, T, L), report
+    return LayerFixedPoint(A, B, T, naive)
