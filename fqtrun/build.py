@@ -25,7 +25,7 @@ from fqtrun.quant.backends import apply_backend
 from fqtrun.quant.convert import ConversionReport, convert
 from fqtrun.quant.layers import NoiseContext, QuantLayerMixin
 from fqtrun.quant.recipe import QuantConfig, slot_factory
-from fqtrun.sparsity.trainer_hook import sparsity_hook
+from fqtrun.sparsity.hook import sparsity_hook
 from fqtrun.tasks import Classification, Task
 from fqtrun.training.checkpoint import check_matches, load_checkpoint
 from fqtrun.training.hooks import HookSpec, NoiseStep, RunFacts, build_hooks

@@ -44,14 +44,14 @@ def main(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}: use one of {', '.join(COMMANDS)} (fqtrun --help)", file=sys.stderr)
         sys.exit(2)
-    problem = check_group_choices(argv[1:]) or check_unchosen_groups(argv[1:]) or check_output_dir(argv[1:])
+    problem = check_group_choices(argv[1:]) or check_output_dir(argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     keep_freed_memory()  # big CPU temporaries reuse freed memory instead of new page faults
     module = importlib.import_module(COMMANDS[name][0])  # registers the command's schemas
     args = getattr(module, "prepare_argv", list)(argv[1:])  # e.g. report: positional folders -> dirs=[...]
-    problem = check_composes(name, args)
+    problem = check_unchosen_groups(name, args) or check_composes(name, args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
@@ -80,12 +80,19 @@ def check_group_choices(overrides: list[str]) -> str | None:
 OPTIONAL_GROUPS = {"quant": "qat, per_tensor, per_sample, householder", "sparsity": "nm, transposable"}
 
 
-def check_unchosen_groups(overrides: list[str]) -> str | None:
-    """A setting of an optional group (quant.bits_w=4) without the group chosen (+quant=...): it would do nothing."""
+def check_unchosen_groups(command: str, overrides: list[str]) -> str | None:
+    """A setting of an optional group (quant.bits_w=4) without the group chosen (+quant=...): it would do nothing.
+
+    Optional means the command's schema leaves the group out by default (train: quant, sparsity).
+    """
+    from hydra.core.config_store import ConfigStore
+
+    schema = ConfigStore.instance().repo.get(f"{command}_schema.yaml")
+    optional = {g for g in OPTIONAL_GROUPS if schema is not None and g in schema.node and schema.node[g] is None}
     chosen = {m.group(1) for a in overrides if (m := re.fullmatch(r"[+~]{0,2}([a-z_]+)=.*", a))}
     for arg in overrides:
         m = re.fullmatch(r"[+~]{0,2}([a-z_]+)\.[^=]*=.*", arg)
-        if m and m.group(1) in OPTIONAL_GROUPS and m.group(1) not in chosen:
+        if m and m.group(1) in optional and m.group(1) not in chosen:
             group = m.group(1)
             return (f"{arg.lstrip('+~')} sets the {group} recipe but none is chosen: add +{group}=<"
                     f"{OPTIONAL_GROUPS[group].replace(', ', '|')}>")

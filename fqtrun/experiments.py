@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from fqtrun.config import register_configs
+from fqtrun.markdown import markdown_table as markdown_table  # the scripts' tables
 
 CONF = str(Path(__file__).resolve().parent / "conf")
 
@@ -54,9 +55,3 @@ def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     if len(vals) == 1:
         return f"{vals[0]:.{digits}f}"
     return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"

@@ -15,7 +15,6 @@ Runs land in <out>/runs/<variant>/seed<k> (fqtrun.experiments.run_grid: a finish
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import platform
@@ -56,7 +55,7 @@ def training_table(results: dict[str, list[dict]]) -> str:
 
 def convert_dense(out: Path, common: list[str], seeds: list[int], calibration_batches: int) -> str:
     """`fqtrun mask` on every dense seed: dense vs magnitude-only vs reconstructed accuracy."""
-    from fqtrun.commands.mask import run_mask
+    from fqtrun.runs.mask import run_mask_study
 
     accs: dict[str, dict[str, list[float]]] = {}
     for seed in seeds:
@@ -69,9 +68,7 @@ def convert_dense(out: Path, common: list[str], seeds: list[int], calibration_ba
             folder = out / "convert" / label.replace(":", "_") / f"seed{seed}"
             cfg = compose_config([f"checkpoint={run / 'last.pt'}", f"convert.calibration_batches={calibration_batches}",
                                   *overrides], config_name="mask")
-            folder.mkdir(parents=True, exist_ok=True)
-            with open(folder / "mask.log", "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
-                a = run_mask(cfg, folder)["accuracy"]  # its tables go to mask.log (and mask.md)
+            a = run_mask_study(cfg, folder)["accuracy"]  # its tables go to mask.md
             for k in ("dense", "magnitude", "reconstructed"):
                 accs.setdefault(label, {}).setdefault(k, []).append(a[k])
     rows = [[label, *(mean_std(v[k], 100) for k in ("dense", "magnitude", "reconstructed"))]

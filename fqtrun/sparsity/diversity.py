@@ -4,16 +4,15 @@ For T weights at sparsity s (fraction pruned):
     unstructured      C(T, T s)
     row-wise N:M      C(M, N)^(T/M)
     transposable N:M  (number of valid M x M blocks)^(T/M^2)
-Values are exact Python ints; `log10` is given too because they overflow floats quickly.
-Convention: N is the number kept in every group of M (2:4 keeps 2 of every 4).
+given as log10 (the counts overflow floats quickly). Convention: N is the number kept in every
+group of M (2:4 keeps 2 of every 4).
 """
 
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from functools import cache
-from numbers import Integral, Real
+from numbers import Integral
 
 from fqtrun.errors import ConfigError
 
@@ -81,46 +80,25 @@ def _row_choices(hist: tuple[int, ...], n: int):
     yield from rec(n, n)
 
 
-def mask_diversity(kind: str, t: int, n: int, m: int) -> int:
-    """Exact number of masks of T weights allowed by `kind` at sparsity 1 - n/m.
+def log10_mask_diversity(kind: str, t: int, n: int, m: int) -> float:
+    """log10 of the number of masks of t weights at density n/m (spec sparsity.md, "Mask diversity").
 
-    kind: "unstructured" (C(T, T n/m) masks keeping the same number of weights),
-    "nm" (row-wise, T a multiple of M), "transposable" (T a multiple of M^2).
+    unstructured C(t, round(t n/m)) (through lgamma: t may be millions), nm C(m, n)^(t/m) with t a
+    multiple of m, transposable (valid m x m blocks)^(t/m^2) with t a multiple of m^2. The counts
+    themselves overflow floats from about a thousand weights on, so only their log10 is given.
     """
     check_nm(n, m)
     if isinstance(t, bool) or not isinstance(t, Integral) or t < 1:
         raise ValueError(f"t={t!r} must be a positive int: the number of weights")
     if kind == "unstructured":
-        kept = Fraction(t * n, m)
-        if kept.denominator != 1:
-            raise ValueError(f"t={t} times n/m={n}/{m} must be an integer number of kept weights")
-        return math.comb(t, int(kept))
+        k = round(t * n / m)
+        return (math.lgamma(t + 1) - math.lgamma(k + 1) - math.lgamma(t - k + 1)) / math.log(10)
     if kind == "nm":
         if t % m:
             raise ValueError(f"t={t} must be a multiple of sparsity.m={m} for row-wise N:M diversity")
-        return math.comb(m, n) ** (t // m)
+        return t / m * math.log10(math.comb(m, n))
     if kind == "transposable":
         if t % (m * m):
-            raise ValueError(
-                f"t={t} must be a multiple of sparsity.m^2={m * m} for transposable N:M diversity"
-            )
-        return count_transposable_blocks(n, m) ** (t // (m * m))
+            raise ValueError(f"t={t} must be a multiple of sparsity.m^2={m * m} for transposable N:M diversity")
+        return t / (m * m) * math.log10(count_transposable_blocks(n, m))
     raise ValueError(f"kind={kind!r} must be one of {KINDS}")
-
-
-def log10(value: int | Real) -> float:
-    """log10 of a positive number; exact-int aware (math.log10 takes Python ints of any size)."""
-    return math.log10(value)
-
-
-def diversity_table(t: int = 64, sparsity_pairs=((1, 2), (2, 4), (4, 8))) -> list[dict]:
-    """Rows {name, value, log10} for unstructured and every N:M / N:M-T pair (the spec's T=64 table)."""
-    rows = []
-    n0, m0 = sparsity_pairs[0]
-    v = mask_diversity("unstructured", t, n0, m0)
-    rows.append({"name": "unstructured", "value": v, "log10": log10(v)})
-    for kind, suffix in (("nm", ""), ("transposable", "-T")):
-        for n, m in sparsity_pairs:
-            v = mask_diversity(kind, t, n, m)
-            rows.append({"name": f"{n}:{m}{suffix}", "value": v, "log10": log10(v)})
-    return rows

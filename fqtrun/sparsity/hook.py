@@ -1,18 +1,19 @@
-"""Sparse training inside the trainer loop: refresh masks, SR-STE decay, log densities."""
+"""Sparse training inside the trainer loop: the MaskPolicy as a trainer Hook (refresh masks, SR-STE decay,
+log densities); `sparsity_hook` is its entry in build.DEFAULT_HOOKS."""
 
 from __future__ import annotations
 
 from hydra.utils import instantiate
 from torch import nn
 
-from fqtrun.sparsity.training import SparsityHook
+from fqtrun.sparsity.policy import MaskPolicy
 from fqtrun.training.hooks import Hook, RunFacts
 
 
 class SparseTraining(Hook):
-    """Adapts SparsityHook (masks, refresh, SR-STE) to the trainer's Hook interface."""
+    """Adapts a MaskPolicy (masks, refresh, SR-STE) to the trainer's Hook interface."""
 
-    def __init__(self, masks: SparsityHook, model: nn.Module):
+    def __init__(self, masks: MaskPolicy, model: nn.Module):
         self.masks, self.model = masks, model
         self.layers = masks.attach(model)  # first masks now, so checkpoints carry the buffers
         self._density = self._mean_density()

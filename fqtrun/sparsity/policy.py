@@ -1,14 +1,16 @@
-"""The sparse-training hook the trainer calls (spec sparsity.md, "Training with masks").
+"""The N:M mask policy: which layers are masked, how, when masks refresh, SR-STE decay
+(spec sparsity.md, "Training with masks"). Sparse training (sparsity/hook.py) and one-shot
+conversion (`fqtrun mask`) both mask through it, so both pick the same layers.
 
 Contract with the layers (fqtrun/quant/layers.py): a sparse-capable module has a `weight`
 Parameter and an attribute `weight_mask` (bool buffer of the weight's shape, or None =
 dense); its forward uses w + (w * mask - w).detach(), i.e. masked values forward and
-straight-through gradients to ALL dense weights. This hook only sets `module.weight_mask`.
+straight-through gradients to ALL dense weights. The policy only sets `module.weight_mask`.
 
-Trainer use:
-    hook = SparsityHook("transposable", 2, 4)
-    names = hook.attach(model)              # masks set from the current weights
-    each step: hook.maybe_refresh(model, step); loss.backward(); hook.apply_srste(model); opt.step()
+Use:
+    policy = MaskPolicy("transposable", 2, 4)
+    names = policy.attach(model)            # masks set from the current weights
+    each step: policy.maybe_refresh(model, step); loss.backward(); policy.apply_srste(model); opt.step()
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from fqtrun.sparsity.diversity import check_nm
 from fqtrun.sparsity.masks import METHODS, nm_mask, transposable_mask
 
 KINDS = ("nm", "transposable")
-_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # the classifier is the last of these
 
 
-class SparsityHook:
+class MaskPolicy:
     """Owns the N:M masks of a model: which layers, when to refresh, SR-STE decay."""
 
     def __init__(
@@ -59,7 +61,7 @@ class SparsityHook:
         self.names: list[str] = []
 
     def mask_for(self, weight: torch.Tensor) -> torch.Tensor:
-        """The mask of one weight under this hook's kind / n / m / method."""
+        """The mask of one weight under this policy's kind / n / m / method."""
         with torch.no_grad():
             if self.kind == "nm":
                 return nm_mask(weight, self.n, self.m)
@@ -68,7 +70,7 @@ class SparsityHook:
     def attach(self, model: nn.Module) -> list[str]:
         """Choose the layers, set their first masks; returns their names. Raises if none qualify."""
         capable = [(name, mod) for name, mod in model.named_modules() if _capable(mod)]
-        layers = [name for name, mod in model.named_modules() if isinstance(mod, _LAYER_TYPES)]
+        layers = [name for name, mod in model.named_modules() if isinstance(mod, LAYER_TYPES)]
         classifier = layers[-1] if (self.keep_last and layers) else None
         self.names = [
             name

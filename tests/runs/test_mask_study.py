@@ -1,37 +1,37 @@
-"""fqtrun mask: mask report and dense -> N:M conversion (spec sparsity.md) on a tiny trained CNN."""
+"""The mask study (fqtrun.runs.mask, `fqtrun mask`): mask report and dense -> N:M conversion
+(spec sparsity.md) on a tiny trained CNN."""
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import CONF
 from fqtrun.build import load_train_run
 from fqtrun.commands.common import user_error
-from fqtrun.commands.mask import calibration_batches, log10_diversity, run_mask
 from fqtrun.errors import CheckpointError, ConfigError
+from fqtrun.experiments import compose_config
+from fqtrun.runs.mask import run_mask_study
 from fqtrun.runs.train import run_training
-from fqtrun.sparsity.diversity import log10, mask_diversity
-from fqtrun.sparsity.reconstruct import gemm_input, reestimate_bn, solve_rows
+from fqtrun.sparsity.conversion import calibration_batches
+from fqtrun.sparsity.diversity import log10_mask_diversity
+from fqtrun.sparsity.masks import nm_mask, transposable_mask
+from fqtrun.sparsity.policy import MaskPolicy
 
 MASKED = ["features.2", "features.4"]  # 32 -> 32 channel convs: both dimensions multiples of 4 and 8
 
 
 def _compose(config_name: str, *overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides))
+    return compose_config(overrides, config_name)  # as the experiments compose it: no command imported
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ CASES = [("transposable", 2, 4, "exact"), ("transposable", 4, 8, "greedy"), ("nm
 def converted(request, dense_run, tmp_path_factory):
     kind, n, m, method = request.param
     out = tmp_path_factory.mktemp(f"mask_{kind}{n}{m}")
-    summary = run_mask(_mask_cfg(dense_run, f"sparsity.kind={kind}", f"sparsity.n={n}", f"sparsity.m={m}",
+    summary = run_mask_study(_mask_cfg(dense_run, f"sparsity.kind={kind}", f"sparsity.n={n}", f"sparsity.m={m}",
                                  f"sparsity.method={method}"), out)
     return request.param, out, summary
 
@@ -95,12 +95,10 @@ def test_report_written_with_sane_ratios(converted, dense_run):
         if r["layer"] in MASKED:
             # independent: the exact mask's kept |w| over the sum of the largest density * T |w|
             w = dense.get_submodule(r["layer"]).weight.detach().abs()
-            from fqtrun.sparsity.masks import nm_mask, transposable_mask
-
             mask = nm_mask(w, n, m) if kind == "nm" else transposable_mask(w, n, m, "exact")
             top = w.flatten().sort(descending=True).values[: int(mask.sum())].sum()
             assert r["kept_vs_unstructured"] == pytest.approx(float((w * mask).sum() / top), rel=1e-5)
-            assert r["log10_md"] == pytest.approx(log10_diversity(kind, w.numel(), n, m))
+            assert r["log10_md"] == pytest.approx(log10_mask_diversity(kind, w.numel(), n, m))
             assert r["log10_md"] < r["log10_md_unstructured"]
     acc = s["accuracy"]
     assert all(0 <= acc[k] <= 1 for k in ("dense", "magnitude", "reconstructed"))
@@ -111,6 +109,8 @@ def test_converted_checkpoint_loads_with_valid_masks(converted):
     run = load_train_run(str(out / "sparse" / "last.pt"), "test")
     cfg, ckpt, model, bundle = run.cfg, run.checkpoint, run.model, run.bundle
     assert cfg.sparsity.kind == kind and (cfg.sparsity.n, cfg.sparsity.m) == (n, m)
+    policy = instantiate(cfg.sparsity)  # the recipe trains on: `fqtrun train` builds the same policy from it
+    assert isinstance(policy, MaskPolicy) and (policy.kind, policy.n, policy.m) == (kind, n, m)
     masks = {k.rsplit(".", 1)[0]: v for k, v in ckpt["model"].items() if k.endswith("weight_mask")}
     assert sorted(masks) == sorted(s["masked"])  # the classifier stays dense
     for name in MASKED:
@@ -163,67 +163,15 @@ def test_reconstruction_reduces_layer_output_error(converted, dense_run):
         assert r["rel_err_reconstructed"] == pytest.approx(err_rec / total, rel=1e-3, abs=1e-7)
 
 
-def test_solve_rows_matches_lstsq_per_row():
-    """Each row: least squares on its own kept columns (numpy lstsq on the ridge-augmented system)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(200, 12, generator=g, dtype=torch.float64)  # (samples, fan_in)
-    w = torch.randn(5, 12, generator=g, dtype=torch.float64)
-    keep = torch.rand(5, 12, generator=g) < 0.5
-    keep[:, 0] = True
-    h = x.T @ x
-    damping = 1e-3
-    got = solve_rows(h, w, keep, damping)
-    lam = damping * float(h.diagonal().mean())
-    for i in range(5):
-        k = keep[i].numpy()
-        a = numpy.vstack([x.numpy()[:, k], math.sqrt(lam) * numpy.eye(k.sum())])
-        b = numpy.concatenate([x.numpy() @ w[i].numpy(), numpy.zeros(k.sum())])
-        ref = numpy.zeros(12)
-        ref[k] = numpy.linalg.lstsq(a, b, rcond=None)[0]
-        numpy.testing.assert_allclose(got[i].numpy(), ref, rtol=1e-8, atol=1e-10)
-
-
-@pytest.mark.parametrize("conv", [nn.Conv1d(3, 4, 3, stride=2, padding=1), nn.Conv2d(3, 4, (3, 2), padding=(1, 0),
-                                                                                       dilation=(1, 2))])
-def test_gemm_input_reproduces_the_conv(conv):
-    x = torch.randn(2, 3, *([9] if isinstance(conv, nn.Conv1d) else [7, 6]), generator=torch.Generator().manual_seed(1))
-    cols = gemm_input(conv, x)  # (B * positions, C * k)
-    y = conv(x)
-    ref = y.reshape(y.shape[0], y.shape[1], -1).transpose(1, 2).reshape(-1, y.shape[1])
-    torch.testing.assert_close(cols @ conv.weight.reshape(4, -1).T + conv.bias, ref, rtol=1e-5, atol=1e-5)
-
-
-def test_bn_reestimation_is_the_average_over_batches():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Dropout(0.5)).eval()
-    model[1].running_mean.fill_(7.0)
-    batches = [torch.randn(16, 4) * (i + 1) for i in range(3)]
-    assert reestimate_bn(model, batches) == 1
-    with torch.no_grad():
-        h = [model[0](x) for x in batches]
-    torch.testing.assert_close(model[1].running_mean, torch.stack([v.mean(0) for v in h]).mean(0))
-    torch.testing.assert_close(model[1].running_var, torch.stack([v.var(0) for v in h]).mean(0))
-    assert model[1].momentum == 0.1 and not model.training and not model[1].training
-
-
-def test_log10_diversity_against_exact_counts():
-    for kind, (n, m) in [("unstructured", (2, 4)), ("nm", (1, 2)), ("nm", (2, 4)), ("nm", (4, 8)),
-                         ("transposable", (1, 2)), ("transposable", (2, 4)), ("transposable", (4, 8))]:
-        assert log10_diversity(kind, 64, n, m) == pytest.approx(log10(mask_diversity(kind, 64, n, m)), rel=1e-12)
-    # spec sparsity.md, T = 64 at 50%: unstructured 1.83e18, 4:8-T 1.17e11
-    assert 10 ** log10_diversity("unstructured", 64, 1, 2) == pytest.approx(1.83e18, rel=5e-3)
-    assert 10 ** log10_diversity("transposable", 64, 4, 8) == pytest.approx(1.17e11, rel=5e-3)
-
-
 def test_bad_inputs(dense_run, tmp_path, data_cache):
     with pytest.raises(ConfigError, match=r"^sparsity.n=4 must be < sparsity.m=4"):
-        run_mask(_mask_cfg(tmp_path / "absent.pt", "sparsity.n=4", "sparsity.m=4"), tmp_path)
+        run_mask_study(_mask_cfg(tmp_path / "absent.pt", "sparsity.n=4", "sparsity.m=4"), tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
-        run_mask(_mask_cfg(tmp_path / "absent.pt"), tmp_path)
+        run_mask_study(_mask_cfg(tmp_path / "absent.pt"), tmp_path)
     with pytest.raises(ConfigError, match="convert.enabled=true needs convert.calibration_batches"):
-        run_mask(_mask_cfg(dense_run, "convert.enabled=true", "convert.calibration_batches=0"), tmp_path)
+        run_mask_study(_mask_cfg(dense_run, "convert.enabled=true", "convert.calibration_batches=0"), tmp_path)
     with pytest.raises(Exception) as info:
-        run_mask(_compose("mask"), tmp_path)
+        run_mask_study(_compose("mask"), tmp_path)
     assert str(user_error(info.value)) == "checkpoint is required and not set: pass checkpoint=<value>"
     # a checkpoint of another model: cnn1d weights in a folder whose config builds an MLP
     other = tmp_path / "other"
@@ -232,7 +180,7 @@ def test_bad_inputs(dense_run, tmp_path, data_cache):
     mlp = _compose("train", "model=mlp", f"dataset.cache_dir={data_cache}", "logger.wandb.mode=disabled")
     OmegaConf.save(mlp, other / ".hydra" / "config.yaml", resolve=True)
     with pytest.raises(CheckpointError, match="was written for model=cnn1d"):
-        run_mask(_mask_cfg(other / "last.pt"), tmp_path)
+        run_mask_study(_mask_cfg(other / "last.pt"), tmp_path)
 
 
 def test_cli_one_line_error(tmp_path):

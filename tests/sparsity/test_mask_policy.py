@@ -1,10 +1,10 @@
-"""The sparse-training hook (spec sparsity.md, "Training with masks")."""
+"""The N:M mask policy of sparse training: layers, refresh, SR-STE (spec sparsity.md, "Training with masks")."""
 
 import pytest
 import torch
 from torch import nn
 
-from fqtrun.sparsity.training import SparsityHook
+from fqtrun.sparsity.policy import MaskPolicy
 
 
 class MaskedLinear(nn.Linear):
@@ -26,7 +26,7 @@ class MaskedLinear(nn.Linear):
 class MaskedConv2d(nn.Conv2d):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.weight_mask = None  # a plain attribute: the hook must still register a buffer
+        self.weight_mask = None  # a plain attribute: the policy must still register a buffer
 
     def forward(self, x):
         w = self.weight
@@ -56,18 +56,18 @@ def _groups_ok(mask, n, m, kind):
 def test_density_stays_n_over_m_after_every_refresh(kind, n, m):
     # The reference never passed N on its 2:4 path, so masks went dense after the first refresh.
     model = _mlp()
-    hook = SparsityHook(kind, n, m, every=3)
-    names = hook.attach(model)
+    policy = MaskPolicy(kind, n, m, every=3)
+    names = policy.attach(model)
     assert names == ["0", "2"]
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     gen = torch.Generator().manual_seed(0)
     previous = None
     refreshes = 0
     for step in range(12):
-        refreshed = hook.maybe_refresh(model, step)
+        refreshed = policy.maybe_refresh(model, step)
         assert refreshed == (step % 3 == 0)
         refreshes += refreshed
-        for name, density in hook.densities(model).items():
+        for name, density in policy.densities(model).items():
             assert density == n / m, (step, name)
             assert _groups_ok(model.get_submodule(name).weight_mask, n, m, kind)
         x, y = torch.randn(32, 16, generator=gen), torch.randint(0, 4, (32,), generator=gen)
@@ -84,19 +84,19 @@ def test_density_stays_n_over_m_after_every_refresh(kind, n, m):
 
 def test_masks_follow_current_weights():
     model = _mlp()
-    hook = SparsityHook("nm", 2, 4)
-    hook.attach(model)
+    policy = MaskPolicy("nm", 2, 4)
+    policy.attach(model)
     layer = model[0]
     with torch.no_grad():
         layer.weight.mul_(torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(1)))
-    hook.refresh(model)
-    assert torch.equal(layer.weight_mask, hook.mask_for(layer.weight))
+    policy.refresh(model)
+    assert torch.equal(layer.weight_mask, policy.mask_for(layer.weight))
 
 
 def test_pruned_weights_get_straight_through_gradients():
     model = _mlp()
-    hook = SparsityHook("transposable", 2, 4)
-    hook.attach(model)
+    policy = MaskPolicy("transposable", 2, 4)
+    policy.attach(model)
     layer = model[2]
     x = torch.randn(8, 32, generator=torch.Generator().manual_seed(2))
     out = layer(x)
@@ -112,14 +112,14 @@ def test_pruned_weights_get_straight_through_gradients():
 
 def test_srste_adds_decay_only_on_pruned_weights():
     model = _mlp()
-    hook = SparsityHook("nm", 2, 4, srste_decay=0.25)
-    hook.attach(model)
+    policy = MaskPolicy("nm", 2, 4, srste_decay=0.25)
+    policy.attach(model)
     x, y = torch.randn(16, 16), torch.randint(0, 4, (16,))
     nn.functional.cross_entropy(model(x), y).backward()
-    before = {n: model.get_submodule(n).weight.grad.clone() for n in hook.names}
+    before = {n: model.get_submodule(n).weight.grad.clone() for n in policy.names}
     classifier_grad = model[4].weight.grad.clone()
-    hook.apply_srste(model)
-    for name in hook.names:
+    policy.apply_srste(model)
+    for name in policy.names:
         layer = model.get_submodule(name)
         delta = layer.weight.grad - before[name]
         mask = layer.weight_mask
@@ -130,28 +130,28 @@ def test_srste_adds_decay_only_on_pruned_weights():
 
 def test_srste_off_changes_nothing():
     model = _mlp()
-    hook = SparsityHook("nm", 2, 4)
-    hook.attach(model)
+    policy = MaskPolicy("nm", 2, 4)
+    policy.attach(model)
     model(torch.randn(4, 16)).sum().backward()
     before = model[0].weight.grad.clone()
-    hook.apply_srste(model)
+    policy.apply_srste(model)
     assert torch.equal(model[0].weight.grad, before)
 
 
 def test_classifier_stays_dense_unless_asked():
     model = _mlp()
-    assert SparsityHook("nm", 2, 4).attach(model) == ["0", "2"]
+    assert MaskPolicy("nm", 2, 4).attach(model) == ["0", "2"]
     assert model[4].weight_mask is None
     model = _mlp()
-    assert SparsityHook("nm", 2, 4, keep_last=False).attach(model) == ["0", "2", "4"]
+    assert MaskPolicy("nm", 2, 4, keep_last=False).attach(model) == ["0", "2", "4"]
     assert model[4].weight_mask is not None
 
 
 def test_exclude_patterns_and_densities():
     model = _mlp()
-    hook = SparsityHook("nm", 1, 4, exclude=["2"])
-    assert hook.attach(model) == ["0"]
-    assert hook.densities(model) == {"0": 0.25}
+    policy = MaskPolicy("nm", 1, 4, exclude=["2"])
+    assert policy.attach(model) == ["0"]
+    assert policy.densities(model) == {"0": 0.25}
     assert model[2].weight_mask is None
 
 
@@ -159,8 +159,8 @@ def test_conv_layer_and_plain_attribute_become_buffers():
     torch.manual_seed(0)
     model = nn.Sequential(MaskedConv2d(8, 8, 3), nn.Flatten(), nn.LazyLinear(3))
     model(torch.randn(1, 8, 5, 5))
-    hook = SparsityHook("transposable", 2, 4)
-    assert hook.attach(model) == ["0"]
+    policy = MaskPolicy("transposable", 2, 4)
+    assert policy.attach(model) == ["0"]
     conv = model[0]
     assert "weight_mask" in conv._buffers and "0.weight_mask" in model.state_dict()
     view = conv.weight_mask.permute(0, 2, 3, 1).reshape(8, -1)  # groups along input channels
@@ -169,16 +169,16 @@ def test_conv_layer_and_plain_attribute_become_buffers():
 
 def test_refusals():
     with pytest.raises(ValueError, match="no layer can take a mask"):
-        SparsityHook("nm", 2, 4).attach(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
+        MaskPolicy("nm", 2, 4).attach(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
     with pytest.raises(ValueError, match="no layer can take a mask"):
-        SparsityHook("nm", 2, 4, exclude=["*"]).attach(_mlp())
+        MaskPolicy("nm", 2, 4, exclude=["*"]).attach(_mlp())
     with pytest.raises(ValueError, match="sparsity.kind"):
-        SparsityHook("block", 2, 4)
+        MaskPolicy("block", 2, 4)
     with pytest.raises(ValueError, match="sparsity.method"):
-        SparsityHook("transposable", 2, 4, method="best")
+        MaskPolicy("transposable", 2, 4, method="best")
     with pytest.raises(ValueError, match="sparsity.every"):
-        SparsityHook("nm", 2, 4, every=0)
+        MaskPolicy("nm", 2, 4, every=0)
     with pytest.raises(ValueError, match="sparsity.srste_decay"):
-        SparsityHook("nm", 2, 4, srste_decay=-1.0)
+        MaskPolicy("nm", 2, 4, srste_decay=-1.0)
     with pytest.raises(ValueError, match="sparsity.n"):
-        SparsityHook("nm", 4, 4)
+        MaskPolicy("nm", 4, 4)
