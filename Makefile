@@ -54,7 +54,7 @@ reproduce-lm: install  ## language model: fp32 GPT on the embedded corpus, 3 see
 	$(BIN)/fqtrun train -m model=gpt dataset=text seed=0,1,2 threads=1 logger.wandb.mode=disabled \
 		logger.progress=none skip_done=true hydra.sweep.dir=results/lm/fp32
 	$(BIN)/fqtrun report results/lm/fp32
-	$(BIN)/fqtrun sample checkpoint=results/lm/fp32/0 'prompt="The "' tokens=300
+	$(BIN)/fqtrun sample checkpoint=results/lm/fp32/0 'prompt="The "' tokens=300 threads=1
 
 clean:  ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache bench*.json

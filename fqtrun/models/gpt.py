@@ -31,7 +31,7 @@ class GPT(nn.Module):
 
     def __init__(self, num_classes: int, input_shape: Sequence[int], n_layer: int = 4, n_head: int = 4,
                  n_embd: int = 64, block_size: int = 64, dropout: float = 0.0, bias: bool = True,
-                 tie_weights: bool = True):
+                 tie_weights: bool = False):
         super().__init__()
         (window,) = shape_of(input_shape, "gpt", (1,))
         for name, v in (("n_layer", n_layer), ("n_head", n_head), ("n_embd", n_embd), ("block_size", block_size)):

@@ -44,10 +44,10 @@ def test_every_projection_is_an_explicit_linear_layer():
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     per_block = ["attn.q", "attn.k", "attn.v", "attn.out", "fc1", "fc2"]
     assert names == [f"blocks.{i}.{p}" for i in range(2) for p in per_block] + ["head"]
-    assert model.head.weight is model.tok.weight  # tied by default
-    untied = gpt(tie_weights=False)
-    assert untied.head.weight is not untied.tok.weight
-    assert sum(p.numel() for p in untied.parameters()) - sum(p.numel() for p in model.parameters()) == 11 * 16
+    assert model.head.weight is not model.tok.weight  # untied by default
+    tied = gpt(tie_weights=True)
+    assert tied.head.weight is tied.tok.weight
+    assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in tied.parameters()) == 11 * 16
 
 
 def test_gpt2_initialisation():

@@ -141,7 +141,7 @@ def test_the_summary_says_which_layers_were_quantized(compose_lm, tmp_path):
 
 @pytest.mark.parametrize("overrides,check", [
     (["+quant=per_tensor", "bits=4"], lambda s: s["final_test_loss"] < 4),
-    (["+quant=per_sample", "schedule=cyclic", "schedule.cycles=2", "schedule.min_bits=3", "schedule.max_bits=8"],
+    (["+quant=per_sample", "schedule=cyclic", "schedule.cycles=2", "schedule.min_bits=5", "schedule.max_bits=8"],
      lambda s: s["gbitops"] > 0 and s["eval_bits"] == 8),
     (["+sparsity=transposable", "sparsity.n=2", "sparsity.m=4"],
      lambda s: set(s["sparsity"]["density"]) == {f"blocks.0.{n}" for n in ("attn.q", "attn.k", "attn.v", "attn.out",
@@ -166,7 +166,7 @@ def test_every_technique_applies_to_the_lm(compose_lm, tmp_path, overrides, chec
 def tiny_gpt_pair(grad: str, bits: int):
     """(FQT model, its NoiseContext, the same model under QAT) of one small GPT."""
     torch.manual_seed(0)
-    model = GPT(13, (10,), n_layer=2, n_head=2, n_embd=16, block_size=10)
+    model = GPT(13, (10,), n_layer=1, n_head=2, n_embd=16, block_size=10)
     qat = copy.deepcopy(model)
     convert(qat, slot_factory(QuantConfig(grad=None, bits_w=8, bits_a=8, bits_dx=8, bits_dw=8)), NoiseContext())
     noise = NoiseContext(seed=0)
@@ -217,8 +217,8 @@ def test_gradient_quantizers_see_one_row_per_token():
             layer.slots[slot] = spy
     x = torch.randint(0, 13, (3, 10))
     LanguageModel().loss(model(x), x).backward()
-    assert seen["blocks.0.fc1.dx"] == [(30, 64)] and seen["blocks.1.attn.q.dw"] == [(30, 16)]
-    assert seen["head.dx"] == [(30, 13)] and len(seen) == 2 * 13  # 6 Linears per block and the head
+    assert seen["blocks.0.fc1.dx"] == [(30, 64)] and seen["blocks.0.attn.q.dw"] == [(30, 16)]
+    assert seen["head.dx"] == [(30, 13)] and len(seen) == 2 * 7  # the block's 6 Linears and the head
 
 
 # ----------------------------------------------------------------------------- checkpoints and sampling
