@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install run test test-slow lint bench clean compare-qat reproduce-fqt reproduce-cpt reproduce-sparsity reproduce-ridge
+.PHONY: help install run test test-slow lint bench clean compare-qat reproduce-fqt reproduce-cpt reproduce-sparsity reproduce-ridge reproduce-lm
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -49,6 +49,12 @@ reproduce-sparsity: install  ## dense vs 2:4, 2:4-T, 4:8-T, 2:4-T + BHQ 5-bit
 
 reproduce-ridge: install  ## STE vs ridge dequantization; integer BN report (ResNet-20 / digits)
 	$(BIN)/python scripts/reproduce_ridge.py --seeds 0 1 2 --epochs 50 --rn-epochs 10 --out results/ridge
+
+reproduce-lm: install  ## language model: fp32 GPT on the embedded corpus, 3 seeds (report table, a sample)
+	$(BIN)/fqtrun train -m model=gpt dataset=text seed=0,1,2 threads=1 logger.wandb.mode=disabled \
+		logger.progress=none skip_done=true hydra.sweep.dir=results/lm/fp32
+	$(BIN)/fqtrun report results/lm/fp32
+	$(BIN)/fqtrun sample checkpoint=results/lm/fp32/0 'prompt="The "' tokens=300 threads=1
 
 clean:  ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache bench*.json

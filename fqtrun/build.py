@@ -19,6 +19,7 @@ from torch import nn
 
 from fqtrun.analysis.variance import variance_hook
 from fqtrun.config import TrainConfig, instantiate_checked
+from fqtrun.data.base import check_signature
 from fqtrun.errors import CheckpointError, ConfigError
 from fqtrun.precision.hooks import bitops_hook, bits_probe, schedule_hook
 from fqtrun.quant.backends import apply_backend
@@ -26,7 +27,7 @@ from fqtrun.quant.convert import ConversionReport, convert
 from fqtrun.quant.layers import NoiseContext, QuantLayerMixin
 from fqtrun.quant.recipe import QuantConfig, slot_factory
 from fqtrun.sparsity.hook import sparsity_hook
-from fqtrun.tasks import Classification, Task
+from fqtrun.tasks import TASKS, Task
 from fqtrun.training.checkpoint import check_matches, load_checkpoint
 from fqtrun.training.hooks import HookSpec, NoiseStep, RunFacts, build_hooks
 from fqtrun.training.trainer import steps_per_epoch
@@ -55,13 +56,20 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_task(cfg: DictConfig) -> Task:
-    """The run's objective (classification; the loss a probe differentiates too)."""
-    return Classification(label_smoothing=cfg.get("label_smoothing", 0.0))
+def build_task(cfg: DictConfig, bundle) -> Task:
+    """The run's objective, the one its data declares (the loss a probe differentiates too)."""
+    return TASKS[bundle.task](label_smoothing=cfg.get("label_smoothing", 0.0))
 
 
 def build_model(model_cfg: DictConfig, bundle) -> nn.Module:
-    return instantiate(model_cfg, num_classes=bundle.num_classes, input_shape=tuple(bundle.input_shape))
+    """The model for the bundle's classes (vocabulary) and sample shape; refuses one built for another task."""
+    model = instantiate(model_cfg, num_classes=bundle.num_classes, input_shape=tuple(bundle.input_shape))
+    task = getattr(model, "task", "classification")
+    if task != bundle.task:
+        raise ConfigError(f"the model ({type(model).__name__}) is built for {task.replace('_', ' ')} but "
+                          f"dataset={bundle.name} is for {bundle.task.replace('_', ' ')}: pair model=gpt with "
+                          "dataset=text, and the other models with the classification datasets")
+    return model
 
 
 def model_name(cfg: DictConfig, choices: Mapping[str, str]) -> str:
@@ -75,11 +83,21 @@ def quantize_model(recipe: QuantConfig | None, sparse: bool, model: nn.Module,
     if recipe is None and not sparse:
         return None
     factory = slot_factory(recipe) if recipe is not None else (lambda slot, module: None)
-    report = convert(model, factory, noise, keep_first=bool(recipe and recipe.keep_first),
-                     keep_last=bool(recipe and recipe.keep_last), exclude=list(recipe.exclude) if recipe else [])
+    keep = {k: _keep(recipe, model, k) for k in ("keep_first", "keep_last")}
+    report = convert(model, factory, noise, **keep, exclude=list(recipe.exclude) if recipe else [])
+    report.kept.update({name: "embedding lookup (no GEMM)" for name, m in model.named_modules()
+                        if isinstance(m, nn.Embedding)})
     if recipe is not None:
         apply_backend(model, recipe.backend, compile=recipe.compile)
     return report
+
+
+def _keep(recipe: QuantConfig | None, model: nn.Module, key: str) -> bool:
+    """quant.keep_first / keep_last as set, else the model's choice (GPT: the head stays fp), else false."""
+    if recipe is None:
+        return False
+    value = getattr(recipe, key)
+    return bool(getattr(model, "quant_keep", {}).get(key, False) if value is None else value)
 
 
 def build_recipe(node: DictConfig | None) -> QuantConfig | None:
@@ -103,6 +121,13 @@ class Assembly:
     lr_at: Callable[[int], float]
 
 
+def run_length(cfg: DictConfig, train_set) -> tuple[int, int]:
+    """(optimizer steps of the run: trainer.max_steps, else epochs x steps per epoch; steps per epoch)."""
+    per_epoch = steps_per_epoch(train_set, cfg.batch_size)
+    max_steps = cfg.trainer.max_steps
+    return (max_steps if max_steps is not None else per_epoch * cfg.epochs), per_epoch
+
+
 def assemble(cfg: DictConfig, device: torch.device, noise_seed: int, is_main: bool = True,
              hook_specs: Sequence[HookSpec] = DEFAULT_HOOKS) -> Assembly:
     """Build everything a training run needs from its config, on `device`.
@@ -113,13 +138,11 @@ def assemble(cfg: DictConfig, device: torch.device, noise_seed: int, is_main: bo
     recipe = build_recipe(cfg.get("quant"))  # a bad recipe stops the run before any data is built
     torch.manual_seed(cfg.seed)
     bundle = instantiate(cfg.dataset)
-    task = build_task(cfg)
+    task = build_task(cfg, bundle)
     model = build_model(cfg.model, bundle)
     noise = NoiseContext(seed=noise_seed)
     report = quantize_model(recipe, cfg.get("sparsity") is not None, model, noise)
-    per_epoch = steps_per_epoch(bundle.train, cfg.batch_size)
-    max_steps = cfg.trainer.max_steps
-    total = max_steps if max_steps is not None else per_epoch * cfg.epochs
+    total, per_epoch = run_length(cfg, bundle.train)
     facts = RunFacts(model=model, train_set=bundle.train, task=task, noise=noise, total_steps=max(1, total),
                      steps_per_epoch=per_epoch, batch_size=cfg.batch_size, seed=cfg.seed,
                      log_every=cfg.logger.log_every, is_main=is_main)
@@ -140,8 +163,14 @@ def checkpoint_path(value: str) -> Path:
     return path / "last.pt" if path.is_dir() else path
 
 
-def load_weights(model: nn.Module, ckpt: dict, name: str, path: Path) -> None:
-    """A checkpoint's weights into `model`, with one-line errors on a mismatch (check_matches).
+def check_checkpoint(ckpt: dict, model: nn.Module, bundle, name: str, path: Path) -> None:
+    """Refuse a checkpoint trained on other data (an LM's vocabulary, window) or for another architecture."""
+    check_signature(ckpt.get("data", {}), bundle.signature(), path)
+    check_matches(ckpt, model, name, path)
+
+
+def load_weights(model: nn.Module, ckpt: dict, bundle, name: str, path: Path) -> None:
+    """A checkpoint's weights into `model`, with one-line errors on a mismatch (check_checkpoint).
 
     A sparse run's checkpoint holds weight masks: they are put on the quantized layers first (as
     their weight_mask buffers), so the model's forward matches the run's.
@@ -156,7 +185,7 @@ def load_weights(model: nn.Module, ckpt: dict, name: str, path: Path) -> None:
             continue  # check_matches names the mismatch
         if isinstance(layer, QuantLayerMixin):
             layer.weight_mask = torch.zeros_like(value)
-    check_matches(ckpt, model, name, path)
+    check_checkpoint(ckpt, model, bundle, name, path)
     model.load_state_dict(ckpt["model"])
 
 
@@ -199,5 +228,5 @@ def load_train_run(checkpoint: str, command: str, require: Callable | None = Non
         require(cfg, model, name)
     recipe = build_recipe(cfg.get("quant"))
     quantize_model(recipe, cfg.get("sparsity") is not None, model, NoiseContext(seed=cfg.seed))
-    load_weights(model, ckpt, name, path)
-    return TrainedRun(cfg, ckpt, model.eval(), bundle, name, build_task(cfg), path)
+    load_weights(model, ckpt, bundle, name, path)
+    return TrainedRun(cfg, ckpt, model.eval(), bundle, name, build_task(cfg, bundle), path)

@@ -20,6 +20,7 @@ COMMANDS = {
     "prt": ("fqtrun.commands.prt", "precision range test: find q_min for a cyclic precision schedule"),
     "mask": ("fqtrun.commands.mask", "N:M / transposable mask quality, diversity, and dense -> N:M conversion"),
     "intbn": ("fqtrun.commands.intbn", "integer-exact fixed-point BatchNorm of a trained quantized model"),
+    "sample": ("fqtrun.commands.sample", "text from a trained language model (model=gpt dataset=text)"),
     "report": ("fqtrun.commands.report", "tables and plots over run and sweep folders"),
     "bench": ("fqtrun.commands.bench", "speed ratios: quantizers vs clone, FQT step vs fp32 / bf16"),
 }

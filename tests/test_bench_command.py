@@ -59,3 +59,15 @@ def test_quick_mode_refuses_a_size_it_would_ignore(tmp_path, monkeypatch, capsys
         "error: bench.reps=5 is ignored with bench.quick=true (quick mode uses its own tiny sizes): "
         "drop bench.reps or bench.quick"]
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_quick_bench_of_the_language_model(tmp_path):
+    """model=gpt: the train-step rows of the LM (token windows, next-token loss) next to the CNN's."""
+    result = run_bench(bench_cfg("model=gpt", "model.n_layer=1", "model.n_head=2", "model.n_embd=32",
+                                 "model.block_size=16", "batch_size=4"), tmp_path)
+    lm = result["runs"][0]["linear"]
+    assert lm["model"] == f"GPT (16-token windows, vocabulary {result['settings']['vocab']})"
+    for recipe in ("fp32", "bf16 autocast", "FQT simulate", "FQT int8"):
+        assert lm["steps"][recipe]["x_fp32"] > 0
+    block = ["attn.q", "attn.k", "attn.v", "attn.out", "fc1", "fc2"]
+    assert lm["int8_layers"] == {f"blocks.0.{n}": "int8" for n in block}  # the head stays fp (quant.keep_last)

@@ -25,7 +25,7 @@ def fqtrun(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedP
 def test_help_lists_commands_from_any_folder(tmp_path):
     out = fqtrun("--help", cwd=tmp_path)
     assert out.returncode == 0
-    for command in ("train", "variance", "prt", "mask", "intbn", "report", "bench"):
+    for command in ("train", "variance", "prt", "mask", "intbn", "report", "bench", "sample"):
         assert f"  {command}" in out.stdout
 
 
@@ -43,6 +43,8 @@ def test_train_help_is_hydras_with_config_groups(tmp_path):
     (["train", "dataset=cifar10"], "dataset.root is required"),
     (["train", "dataset=cifar10", "dataset.root=/nonexistent"], "dataset.root=/nonexistent: expected"),
     (["train", "hydra.run.dir=/proc/fqtrun/x"], "output folder /proc/fqtrun/x cannot be written"),
+    (["train", "model=gpt", "dataset=text", "dataset.root=/nonexistent"], "dataset.root=/nonexistent does not exist"),
+    (["sample"], "checkpoint is required and not set: pass checkpoint=<value>"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, expected):
     out = fqtrun(*args, cwd=tmp_path)

@@ -108,3 +108,28 @@ def test_torchrun_resume_continues_the_same_trajectory(tmp_path, compose_train, 
     run_training(compose_train(*RUN, "epochs=2"), single)  # constant lr: the epoch count does not shape it
     assert_same_trajectory(records(tmp_path / "ddp"), records(single))
     assert_same_weights(tmp_path / "ddp", single)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_match_one_process_on_the_language_model(tmp_path):
+    """The LM's windows shard like any batch (the training windows draw their offsets from the epoch seed and
+    their index, so both ranks cut the single process's global batch); losses are per-window means."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    lm = ["model=gpt", "dataset=text", f"dataset.root={corpus}", "model.n_layer=1", "model.n_head=2",
+          "model.n_embd=16", "model.block_size=16", "batch_size=8", "trainer.max_steps=12", "trainer.eval_every=6",
+          "optim=sgd", "optim.lr=0.5", "logger.log_every=1", "threads=1", "logger.wandb.mode=disabled",
+          "logger.progress=none"]
+    res = torchrun(*lm, "hydra.run.dir=ddp", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-4000:]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=lm)
+    run_training(cfg, tmp_path / "single")
+    ddp, single = records(tmp_path / "ddp"), records(tmp_path / "single")
+    assert [(r["step"], r["split"]) for r in ddp] == [(r["step"], r["split"]) for r in single]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ddp, single)) < TOL
+    assert_same_weights(tmp_path / "ddp", tmp_path / "single")

@@ -31,15 +31,20 @@ class MLPBlocks(nn.Module):
         return self.head(self.body(x))
 
 
-def linear_model(model_cfg: DictConfig, s: BenchSettings) -> tuple[str, nn.Module, tuple[int, ...]]:
-    """(name, model, input shape) of the linear-heavy model: model=mlp means MLPBlocks at the bench
-    sizes; any other model choice is built from its model config on a (bench.features,) signal."""
+def linear_model(model_cfg: DictConfig, s: BenchSettings) -> tuple[str, nn.Module, tuple[int, ...], int]:
+    """(name, model, input shape, classes or vocabulary) of the linear-heavy model: model=mlp means MLPBlocks at the bench
+    sizes; a language model (model=gpt) is built from its model config over windows of its
+    block_size tokens and a bench.vocab vocabulary; any other choice on a (bench.features,) signal."""
     if str(model_cfg._target_).endswith("mlp.MLP"):
         name = f"mlp: {s.blocks} x (Linear {s.width}->{s.hidden}, GELU, Linear {s.hidden}->{s.width})"
-        return name, MLPBlocks(s.width, s.hidden, s.blocks, s.classes), (s.width,)
+        return name, MLPBlocks(s.width, s.hidden, s.blocks, s.classes), (s.width,), s.classes
+    make = instantiate(model_cfg, _partial_=True)
+    name = str(model_cfg._target_).rsplit(".", 1)[-1]
+    if getattr(make.func, "task", "classification") == "language_model":
+        shape = (int(model_cfg.block_size),)
+        return f"{name} ({shape[0]}-token windows, vocabulary {s.vocab})", make(s.vocab, shape), shape, s.vocab
     shape = (s.features,)
-    model = instantiate(model_cfg, num_classes=s.classes, input_shape=shape)
-    return str(model_cfg._target_).rsplit(".", 1)[-1], model, shape
+    return name, make(num_classes=s.classes, input_shape=shape), shape, s.classes
 
 
 def cnn_model(s: BenchSettings) -> tuple[str, nn.Module]:

@@ -24,6 +24,7 @@ class BenchSettings:
     blocks: int = 4  # model=mlp: number of blocks
     features: int = 256  # input length for other model choices (1-D signal)
     classes: int = 10
+    vocab: int = 256  # model=gpt: vocabulary of the token windows (byte-level)
     cnn_channels: int = 128
     cnn_in_channels: int = 16
     cnn_length: int = 256

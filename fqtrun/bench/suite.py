@@ -21,6 +21,7 @@ from fqtrun.bench.settings import BenchSettings, resolve_settings
 from fqtrun.quant import fused, grid
 from fqtrun.quant.backends import backend_report
 from fqtrun.quant.gradient import make_gradient_quantizer
+from fqtrun.tasks import TASKS, Task
 
 
 def quantizer_bench(s: BenchSettings, seed: int) -> dict:
@@ -49,19 +50,26 @@ def quantizer_bench(s: BenchSettings, seed: int) -> dict:
     return out
 
 
-def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: bool) -> Callable[[], torch.Tensor]:
-    """One SGD train step of `model` on the fixed batch (x, y), cross-entropy, optionally under bf16 autocast."""
+def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: bool,
+            task: Task) -> Callable[[], torch.Tensor]:
+    """One SGD train step of `model` on the fixed batch (x, y) with the task's loss (cross-entropy over
+    the labels or every next token), optionally under bf16 autocast."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = nn.functional.cross_entropy(model(x).float(), y)
+            loss = task.loss(model(x).float(), y)
         loss.backward()
         opt.step()
         return loss
 
     return step
+
+
+def model_task(model: nn.Module) -> Task:
+    """The task the model is built for (a language model's class says so; the others classify)."""
+    return TASKS[getattr(model, "task", "classification")]()
 
 
 def step_bench(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: BenchSettings) -> dict:
@@ -70,9 +78,10 @@ def step_bench(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, s:
                 "FQT simulate": (fqt_model(model, s, "simulate"), False),
                 "FQT int8": (fqt_model(model, s, "int8"), False)}
     ao = torchao_model(model)
-    fns = {k: step_fn(m, x, y, ac) for k, (m, ac) in variants.items()}
+    task = model_task(model)
+    fns = {k: step_fn(m, x, y, ac, task) for k, (m, ac) in variants.items()}
     if isinstance(ao, nn.Module):
-        fns["torchao int8 mixed precision"] = step_fn(ao, x, y, False)
+        fns["torchao int8 mixed precision"] = step_fn(ao, x, y, False, task)
     times = interleaved(fns, s.reps, s.warmup)
     ratios = median_ratios(times, "fp32")
     rows = {k: {"x_fp32": round(ratios[k], 3), "speedup_vs_fp32": round(1 / ratios[k], 3),
@@ -94,13 +103,11 @@ def run_suite(asked: BenchSettings, model_cfg: DictConfig, batch_size: int, seed
     """
     s = resolve_settings(asked, batch_size)
     torch.manual_seed(seed)  # the weights of both models
-    name, lin, shape = linear_model(model_cfg, s)
+    name, lin, shape, classes = linear_model(model_cfg, s)
     cnn_name, cnn = cnn_model(s)
     g = torch.Generator().manual_seed(seed)
-    data = {"linear": (torch.randn(batch_size, *shape, generator=g),
-                       torch.randint(0, s.classes, (batch_size,), generator=g)),
-            "cnn": (torch.randn(s.cnn_batch, s.cnn_in_channels, s.cnn_length, generator=g),
-                    torch.randint(0, s.classes, (s.cnn_batch,), generator=g))}
+    data = {"linear": model_task(lin).random_batch(batch_size, shape, classes, g),
+            "cnn": model_task(cnn).random_batch(s.cnn_batch, (s.cnn_in_channels, s.cnn_length), s.classes, g)}
     malloc = "kept (fqtrun.allocator)" if keep_freed_memory() else "system"  # idempotent; the CLI set it already
     result: dict = {"load_before": os.getloadavg(), "malloc": malloc, "settings": dataclasses.asdict(s),
                     "batch_size": batch_size, "torch": torch.__version__, "runs": []}

@@ -2,6 +2,8 @@
 
     fqtrun report multirun/2026-11-22/10-00-00              (positional folders; or dirs=[a,b])
     fqtrun report outputs multirun out=reports/today
+    fqtrun report multirun/lm baseline=outputs/gpt_fp32      (a gap column: each group's final
+                                                              headline metric minus the baseline's)
 
 Runs (single runs and sweep jobs alike) are grouped by their command-line overrides minus the
 seed and the bookkeeping keys in `ignore`; each group's row gives mean ± sample std over its
@@ -13,6 +15,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -30,6 +33,9 @@ class ReportConfig:
     dirs: list[str] = field(default_factory=list)  # run / sweep folders (positional on the command line)
     out: str | None = None  # where the report goes; null = the first of dirs
     plots: bool = True
+    # a run or sweep folder whose finished runs are the reference (e.g. the fp32 model): the table gets each
+    # group's gap in the mean final headline metric (test acc; validation loss for language models) to theirs
+    baseline: Optional[str] = None
     # override keys (and their sub-keys) that do not define an experiment: left out of the grouping
     ignore: list[str] = field(default_factory=lambda: ["seed", "resume", "skip_done", "threads", "device",
                                                        "logger", "dataset.cache_dir", "dataset.root"])
@@ -80,7 +86,7 @@ def run_report(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     ignore = list(cfg.ignore)
     groups = group_runs(runs, ignore)
     keys, common = varying_keys(groups)
-    rows = tables.summarize(groups)
+    table = tables.summarize(groups, _baseline(cfg.baseline))
     skipped = [f"{p}: {why}" for p, why in empty]
     skipped += [f"{r.path}: {r.skip_reason}" for r in runs if r.skip_reason]
     notes = [f"{r.path}: {p}" for r in runs if not r.skip_reason for p in r.problems]
@@ -92,8 +98,8 @@ def run_report(cfg: DictConfig, out_dir: Path | None = None) -> dict:
 
     figures, plot_notes = [], []
     if cfg.plots:
-        for result in (plots.accuracy_vs_bits(groups, keys, out / "accuracy_vs_bits.png"),
-                       plots.accuracy_curves(groups, keys, out / "accuracy_curves.png"),
+        for result in (plots.headline_vs_bits(groups, keys, out),
+                       plots.headline_curves(groups, keys, out),
                        plots.bit_traces(groups, keys, out / "bit_traces.png"),
                        plots.gradient_variance(groups, keys, runs, out / "gradient_variance.png")):
             path, why = result
@@ -104,16 +110,16 @@ def run_report(cfg: DictConfig, out_dir: Path | None = None) -> dict:
 
     shared = " ".join(f"{k}={v}" for k, v in common.items())
     title = "fqtrun report: " + ", ".join(map(str, dirs))
-    (out / "report.md").write_text(_markdown(title, rows, keys, shared, figures, notes + plot_notes, skipped),
+    (out / "report.md").write_text(_markdown(title, table, keys, shared, figures, notes + plot_notes, skipped),
                                    encoding="utf-8")
-    tables.write_csv(out / "report.csv", rows, keys)
-    page = html.page(title, rows, keys, common, figures, notes + plot_notes, skipped)
+    tables.write_csv(out / "report.csv", table, keys)
+    page = html.page(title, table, keys, common, figures, notes + plot_notes, skipped)
     (out / "report.html").write_text(page, encoding="utf-8")
 
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # no cut columns in logs
     caption = f"shared settings: {shared}" if shared else ""
-    console.print(tables.rich_table(rows, keys, caption))
-    for r in rows:
+    console.print(tables.rich_table(table, keys, caption))
+    for r in table.rows:
         for f in r.failed:
             console.print(f"failed: {f}")
     for s in skipped:
@@ -128,12 +134,26 @@ def run_report(cfg: DictConfig, out_dir: Path | None = None) -> dict:
             "figures": [str(f) for f in figures], "notes": notes + plot_notes}
 
 
-def _markdown(title, rows, keys, shared, figures, notes, skipped) -> str:
+def _baseline(folder: str | None) -> list | None:
+    """The finished runs under the baseline folder (None: no baseline named)."""
+    if folder is None:
+        return None
+    where = Path(folder).expanduser()
+    done = [r for r in map(load_run, find_runs([where])[0]) if r.done] if where.is_dir() else []
+    if not done:
+        raise ConfigError(f"baseline={folder} holds no finished training run (summary.json): pass the folder of "
+                          "the reference run or sweep (e.g. the fp32 model's)")
+    return done
+
+
+def _markdown(title, table, keys, shared, figures, notes, skipped) -> str:
     parts = [f"# {title}", "", "Mean ± sample standard deviation over seeds.", ""]
     if shared:
         parts += [f"Shared settings: `{shared}`", ""]
-    parts += [tables.markdown(rows, keys), ""]
-    failed = [f for r in rows for f in r.failed]
+    if table.baseline:
+        parts += [f"Gap to the baseline: its mean final test {table.baseline[0]} is {table.baseline[1]:.4f}.", ""]
+    parts += [tables.markdown(table, keys), ""]
+    failed = [f for r in table.rows for f in r.failed]
     for name, items in (("Failed runs", failed), ("Skipped", skipped), ("Notes", notes)):
         if items:
             parts += [f"## {name}", "", *(f"- {i}" for i in items), ""]

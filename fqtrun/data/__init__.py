@@ -3,6 +3,6 @@
 from fqtrun.data.base import DataBundle, DatasetError
 from fqtrun.data.loader import make_loader
 
-DATASETS = ["mnist1d", "digits", "synthetic", "cifar10", "cifar100", "imagenet"]
+DATASETS = ["mnist1d", "digits", "synthetic", "cifar10", "cifar100", "imagenet", "text"]
 
 __all__ = ["DATASETS", "DataBundle", "DatasetError", "make_loader"]

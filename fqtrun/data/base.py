@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
-from fqtrun.errors import FqtrunError
+from fqtrun.errors import CheckpointError, FqtrunError
 
 
 class DatasetError(FqtrunError, ValueError):
@@ -19,13 +19,43 @@ class DatasetError(FqtrunError, ValueError):
 
 @dataclass
 class DataBundle:
-    """A train and a test split plus what the model builder needs to know about them."""
+    """A train and a test split plus what the model builder needs to know about them.
+
+    `task` names the objective the data is for (fqtrun.tasks.TASKS). A bundle whose models only fit
+    this very data (a language model's vocabulary) says so in `signature()`, which checkpoints
+    record and `check_signature` compares; `facts()` is what summary.json records about the data.
+    """
 
     train: Dataset
     test: Dataset
-    num_classes: int
+    num_classes: int  # classes; the vocabulary size for a language model
     input_shape: tuple[int, ...]  # one sample, no batch dimension
     name: str
+    task = "classification"
+
+    def signature(self) -> dict:
+        """{setting: value} a checkpoint trained on this data must match (nothing for fixed datasets)."""
+        return {}
+
+    def facts(self) -> dict:
+        return {}
+
+
+def check_signature(theirs: dict, ours: dict, path) -> None:
+    """Refuse a checkpoint trained on other data (DataBundle.signature), naming the setting that differs."""
+    for key, value in ours.items():
+        if key in theirs and theirs[key] != value:
+            raise CheckpointError(f"checkpoint {path} was trained with {key} giving {_shown(theirs[key], value)}, "
+                                  f"this run gives {_shown(value, theirs[key])}: pass the {key} the run was "
+                                  "trained with (its .hydra/config.yaml), or another checkpoint")
+
+
+def _shown(value, other) -> str:
+    """A signature value for a message: a long vocabulary as its size and where it differs from `other`."""
+    if not isinstance(value, str) or len(value) <= 12:
+        return repr(value)
+    at = next((i for i, (a, b) in enumerate(zip(value, other)) if a != b), min(len(value), len(other)))
+    return f"a {len(value)}-symbol vocabulary ({value[at:at + 1]!r} at index {at})"
 
 
 def one_line(exc: BaseException) -> str:

@@ -7,8 +7,10 @@ the run at composition); hydra.utils.instantiate(cfg.dataset) calls `_target_` -
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import II
 
 
 @dataclass
@@ -57,8 +59,18 @@ class ImagenetConfig:
     resize: int = 256  # val Resize before the centre crop
 
 
+@dataclass
+class TextConfig:
+    _target_: str = "fqtrun.data.text.build"
+    root: Optional[str] = None  # a text file or a folder of .txt files; null: the embedded CPython docs
+    tokenizer: str = "char"  # char (vocabulary from the training split) | byte (256 symbols)
+    block_size: Optional[int] = II("oc.select:model.block_size,null")  # window length: model.block_size
+    val_fraction: float = 0.1  # the last 10% of the tokens is the validation split
+    val_windows: int = 1000  # at most this many validation windows (evenly spaced over the split)
+
+
 SCHEMAS = {"mnist1d": Mnist1dConfig, "digits": DigitsConfig, "synthetic": SyntheticConfig,
-           "cifar10": Cifar10Config, "cifar100": Cifar100Config, "imagenet": ImagenetConfig}
+           "cifar10": Cifar10Config, "cifar100": Cifar100Config, "imagenet": ImagenetConfig, "text": TextConfig}
 
 
 def register_configs(cs: ConfigStore) -> None:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 _MASK64 = (1 << 64) - 1
 
 
-def _mix(seed: int, index: int) -> int:
+def sample_seed(seed: int, index: int) -> int:
     """splitmix64 of (seed, index): a well-spread per-sample seed in [0, 2**63)."""
     z = (seed * 0x9E3779B97F4A7C15 + index + 1) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
@@ -40,8 +40,20 @@ class _SeededSamples(Dataset):
 
     def __getitem__(self, index: int):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix(self.seed, index))
+            torch.manual_seed(sample_seed(self.seed, index))
             return self.dataset[index]
+
+
+class BatchDataset(Dataset):
+    """A dataset that makes whole batches itself: `batch(indices, seed)` -> the tensors of those samples.
+
+    For samples drawn at random (text windows at random offsets), vectorised: sample i under a seed
+    must be a pure function of (seed, i), e.g. of sample_seed(seed, i), so a resume and the DDP
+    shards see the same samples; the loader's seed changes with the epoch.
+    """
+
+    def batch(self, indices: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
 
 
 class Loader:
@@ -80,6 +92,10 @@ class Loader:
 
     def __iter__(self) -> Iterator:
         batches = self._batch_indices()
+        if isinstance(self.dataset, BatchDataset):
+            for idx in batches:
+                yield self.dataset.batch(idx, self.seed)
+            return
         if isinstance(self.dataset, TensorDataset):
             # fast path: slice the in-memory tensors, no per-sample collate
             tensors = self.dataset.tensors

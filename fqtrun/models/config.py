@@ -34,6 +34,20 @@ class TransformerConfig:
 
 
 @dataclass
+class GPTConfig:
+    _target_: str = "fqtrun.models.gpt.GPT"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 64  # width; a multiple of n_head (64: the most learnt in a 3-minute CPU run, README)
+    block_size: int = 64  # context length: the positions learned, and the text dataset's window
+    dropout: float = 0.0
+    bias: bool = True  # biases in the Linear and LayerNorm layers
+    # true: the output head shares the token embedding's weights (GPT-2; the untrained model then favours
+    # repeating its input token, loss 3% below ln(vocab)). false: an independent head, which quantizes alone
+    tie_weights: bool = False
+
+
+@dataclass
 class ResNetCifarConfig:
     _target_: str = "fqtrun.models.resnet_cifar.ResNetCifar"
     depth: int = 20        # 6n+2
@@ -47,7 +61,7 @@ class TorchvisionConfig:
     arch: str = "resnet18"  # resnet18 | resnet50 | mobilenet_v2
 
 
-SCHEMAS = {"mlp": MlpConfig, "cnn1d": Cnn1dConfig, "transformer": TransformerConfig,
+SCHEMAS = {"mlp": MlpConfig, "cnn1d": Cnn1dConfig, "transformer": TransformerConfig, "gpt": GPTConfig,
            "resnet_cifar": ResNetCifarConfig, "torchvision": TorchvisionConfig}
 
 

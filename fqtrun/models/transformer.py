@@ -17,13 +17,13 @@ from fqtrun.models import shape_of
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention from explicit q/k/v/out projections."""
+    """Multi-head self-attention from explicit q/k/v/out projections; causal=True masks the future."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, bias: bool = True, causal: bool = False, dropout: float = 0.0):
         super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.out = nn.Linear(dim, dim)
+        self.heads, self.causal, self.dropout = heads, causal, dropout
+        self.q, self.k, self.v = (nn.Linear(dim, dim, bias=bias) for _ in range(3))
+        self.out = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -31,22 +31,26 @@ class Attention(nn.Module):
         def split(y: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, h, T, D/h)
             return y.view(b, t, self.heads, d // self.heads).transpose(1, 2)
 
-        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)),
+                                           dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
 class Block(nn.Module):
-    """x + attn(ln(x)), then x + mlp(ln(x)) with a GELU MLP of width mlp_ratio * dim."""
+    """x + attn(ln(x)), then x + mlp(ln(x)) with a GELU MLP of width mlp_ratio * dim (dropout on both branches)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, bias: bool = True, causal: bool = False,
+                 dropout: float = 0.0):
         super().__init__()
         hidden = max(1, round(dim * mlp_ratio))
-        self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
-        self.ln2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.ln1, self.attn = nn.LayerNorm(dim, bias=bias), Attention(dim, heads, bias, causal, dropout)
+        self.ln2 = nn.LayerNorm(dim, bias=bias)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden, bias=bias), nn.Linear(hidden, dim, bias=bias)
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.drop(self.fc2(F.gelu(self.fc1(self.ln2(x)))))
 
 
 class Patchify(nn.Module):

@@ -40,8 +40,10 @@ class QuantConfig:
     # fp32 per GEMM where a slot cannot; auto: int8 for layers whose four slots all have <= 8 bits
     backend: str = "simulate"
     compile: bool = False  # fuse the quantizers with torch.compile (first use ~15-30 s, cached on disk)
-    keep_first: bool = False  # keep the first quantizable layer in full precision
-    keep_last: bool = False  # keep the last one (usually the classifier) in full precision
+    # keep the first / last quantizable layer (the last is usually the classifier) in full precision;
+    # null: the model's choice (model=gpt keeps its output head, the others keep nothing)
+    keep_first: Optional[bool] = None
+    keep_last: Optional[bool] = None
     exclude: list[str] = field(default_factory=list)  # fnmatch patterns of layer names kept fp
     # forward dequantization of slots w and a (spec/denoise_bn.md A): ste = min-max grid, straight-through;
     # ridge = ridge fit of x on the codes, gradient through the fit

@@ -20,7 +20,17 @@ from omegaconf.errors import OmegaConfBaseException
 
 MARKERS = ("metrics.jsonl", "summary.json", "failed.json", "variance.json")
 NOT_RUNS = {".hydra", ".submitit", "wandb", "__pycache__", ".git"}  # never searched for runs
-NEEDED = ("final_test_acc", "best_test_acc")  # a summary without these cannot enter the table
+
+
+def headline(summary: dict) -> str:
+    """The metric a run's summary leads with (acc for classification, loss for language models; a
+    summary written before the key existed is a classification run's)."""
+    return str(summary.get("headline", "acc"))
+
+
+def needed(summary: dict) -> tuple[str, str]:
+    """The keys a summary cannot enter the table without: its final and best headline metric."""
+    return f"final_test_{headline(summary)}", f"best_test_{headline(summary)}"
 
 
 @dataclass
@@ -40,7 +50,8 @@ class Run:
 
     @property
     def done(self) -> bool:
-        return self.summary is not None and all(isinstance(self.summary.get(k), (int, float)) for k in NEEDED)
+        return self.summary is not None and all(isinstance(self.summary.get(k), (int, float))
+                                                for k in needed(self.summary))
 
     @property
     def skip_reason(self) -> str | None:
@@ -48,7 +59,7 @@ class Run:
         if self.done or self.failed is not None:
             return None
         if self.summary is not None:
-            missing = [k for k in NEEDED if not isinstance(self.summary.get(k), (int, float))]
+            missing = [k for k in needed(self.summary) if not isinstance(self.summary.get(k), (int, float))]
             return f"summary.json lacks {', '.join(missing)}"
         if self.variance is not None:
             return None  # a `fqtrun variance` run: only the variance plot uses it

@@ -6,7 +6,7 @@ import base64
 import html
 from pathlib import Path
 
-from fqtrun.report.tables import Row, cells, columns
+from fqtrun.report.tables import Table, cells, columns
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}
 table{border-collapse:collapse;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px}
@@ -14,12 +14,12 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f3f3}
 img{max-width:100%;border:1px solid #eee;margin:0.5em 0}li{font-size:13px}"""
 
 
-def page(title: str, rows: list[Row], keys: list[str], common: dict[str, str], plots: list[Path],
+def page(title: str, table: Table, keys: list[str], common: dict[str, str], plots: list[Path],
          notes: list[str], skipped: list[str]) -> str:
     e = html.escape
-    head = "".join(f"<th>{e(c)}</th>" for c in columns(keys))
+    head = "".join(f"<th>{e(c)}</th>" for c in columns(table, keys))
     body = "".join("<tr>" + "".join(f'<td{" class=n" if i >= len(keys) else ""}>{e(c)}</td>'
-                                    for i, c in enumerate(cells(r, keys))) + "</tr>" for r in rows)
+                                    for i, c in enumerate(cells(table, r, keys))) + "</tr>" for r in table.rows)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
              f"<style>{STYLE}</style></head><body><h1>{e(title)}</h1>",
              "<p>mean ± sample std over seeds; the seed and bookkeeping settings do not define a group.</p>"]
@@ -27,7 +27,7 @@ def page(title: str, rows: list[Row], keys: list[str], common: dict[str, str], p
         shared = " ".join(f"{k}={v}" for k, v in common.items())
         parts.append(f"<p>shared settings: <code>{e(shared)}</code></p>")
     parts.append(f"<table><tr>{head}</tr>{body}</table>")
-    failed = [f for r in rows for f in r.failed]
+    failed = [f for r in table.rows for f in r.failed]
     for name, items in (("failed runs", failed), ("skipped", skipped), ("notes", notes)):
         if items:
             parts.append(f"<h2>{name}</h2><ul>" + "".join(f"<li>{e(i)}</li>" for i in items) + "</ul>")

@@ -12,7 +12,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from fqtrun.figures import save_figure
-from fqtrun.report.collect import Group, Run
+from fqtrun.report.collect import Group, Run, headline
 from fqtrun.report.tables import stat
 
 Result = tuple[Path | None, str]
@@ -23,65 +23,81 @@ def _label(group: Group, keys: list[str], drop: str = "") -> str:
     return " ".join(f"{k}={v}" for k, v in group.key if k in keys and k != drop) or "(defaults)"
 
 
-def accuracy_vs_bits(groups: list[Group], keys: list[str], path: Path) -> Result:
-    """Final test accuracy (mean ± std over seeds) against the `bits` setting, one line per quantizer
-    recipe (the group's settings other than bits); full-precision groups as dashed reference lines."""
+WORDS = {"acc": "accuracy"}  # a headline metric as a word in titles and file names
+
+
+def _headline(groups: list[Group]) -> str:
+    """The headline metric the plots show: the first finished run's (acc, or loss for language models)."""
+    return next((headline(g.done[0].summary) for g in groups if g.done), "acc")
+
+
+def headline_vs_bits(groups: list[Group], keys: list[str], out: Path) -> Result:
+    """The final headline metric (test accuracy; validation loss for a language model), mean ± std over
+    seeds, against the `bits` setting, one line per quantizer recipe (the group's settings other than
+    bits); full-precision groups as dashed reference lines. Writes <metric>_vs_bits.png."""
+    name = _headline(groups)
+    word = WORDS.get(name, name)
     series: dict[str, list[tuple[float, float, float]]] = {}
     refs: list[tuple[str, float]] = []
     for g in groups:
-        done = g.done
+        done = [r for r in g.done if headline(r.summary) == name]
         if not done:
             continue
-        s = stat([r.summary.get("final_test_acc") for r in done])
+        s = stat([r.summary.get(f"final_test_{name}") for r in done])
         if done[0].config.get("quant") is None:
             refs.append((_label(g, keys), s.mean))
         elif isinstance(bits := done[0].config.get("bits"), int):
             std = 0.0 if math.isnan(s.std) else s.std
             series.setdefault(_label(g, keys, "bits"), []).append((bits, s.mean, std))
     if not series:
-        return None, "accuracy vs bits: no finished quantized runs (+quant=...)"
+        return None, f"{word} vs bits: no finished quantized runs (+quant=...)"
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     for label, pts in series.items():
         pts.sort()
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
                     label=label)
-    for label, acc in refs:
-        ax.axhline(acc, linestyle="--", color="gray", label=label)
-    ax.set(xlabel="bits (the `bits` setting)", ylabel="final test accuracy", title="accuracy vs bits")
+    for label, value in refs:
+        ax.axhline(value, linestyle="--", color="gray", label=label)
+    ax.set(xlabel="bits (the `bits` setting)", ylabel=f"final test {word}", title=f"{word} vs bits")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
-    return save_figure(fig, path, dpi=110), ""
+    return save_figure(fig, out / f"{word}_vs_bits.png", dpi=110), ""
 
 
-def accuracy_curves(groups: list[Group], keys: list[str], path: Path) -> Result:
-    """Test accuracy per epoch, mean over a group's seeds with a ±std band."""
+def headline_curves(groups: list[Group], keys: list[str], out: Path) -> Result:
+    """The test headline metric per evaluation (per epoch, or per step for runs evaluated every
+    trainer.eval_every steps), mean over a group's seeds with a ±std band. Writes <metric>_curves.png."""
+    name = _headline(groups)
+    word = WORDS.get(name, name)
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
-    drawn = 0
+    drawn, axes = 0, set()
     for g in groups:
-        per_run = [{r_["epoch"]: r_["acc"] for r_ in r.metrics if r_.get("split") == "test"
-                    and isinstance(r_.get("acc"), (int, float)) and "epoch" in r_} for r in g.done]
+        runs = [r for r in g.done if headline(r.summary) == name]
+        at = "step" if runs and (runs[0].config.get("trainer") or {}).get("eval_every", 0) else "epoch"
+        per_run = [{r_[at]: r_[name] for r_ in r.metrics if r_.get("split") == "test"
+                    and isinstance(r_.get(name), (int, float)) and at in r_} for r in runs]
         per_run = [c for c in per_run if c]
         if not per_run:
             continue
-        epochs = sorted(set.intersection(*(set(c) for c in per_run)))
-        if not epochs:
+        xs = sorted(set.intersection(*(set(c) for c in per_run)))
+        if not xs:
             continue
-        stats = [stat([c[e] for c in per_run]) for e in epochs]
+        stats = [stat([c[x] for c in per_run]) for x in xs]
         mean = [s.mean for s in stats]
         std = [0.0 if math.isnan(s.std) else s.std for s in stats]
-        line, = ax.plot(epochs, mean, marker="." if len(epochs) < 30 else None,
-                        label=_label(g, keys))
-        ax.fill_between(epochs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+        line, = ax.plot(xs, mean, marker="." if len(xs) < 30 else None, label=_label(g, keys))
+        ax.fill_between(xs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
                         color=line.get_color(), alpha=0.2)
         drawn += 1
+        axes.add(at)
     if not drawn:
-        return None, "test accuracy curves: no test records in any metrics.jsonl"
-    ax.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy (mean ± std over seeds)")
+        return None, f"test {word} curves: no test records in any metrics.jsonl"
+    ax.set(xlabel=" / ".join(sorted(axes)), ylabel=f"test {word}", title=f"test {word} (mean ± std over seeds)")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
-    return save_figure(fig, path, dpi=110), ""
+    return save_figure(fig, out / f"{word}_curves.png", dpi=110), ""
 
 
 def bit_traces(groups: list[Group], keys: list[str], path: Path) -> Result:

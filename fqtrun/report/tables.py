@@ -8,17 +8,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich import box
-from rich.table import Table
+from rich.table import Table as RichTable
 
-from fqtrun.report.collect import Group
+from fqtrun.report.collect import Group, Run, headline
 
-# (summary key, column title, format): the summary numbers the table reports.
-METRICS = (
-    ("final_test_acc", "final test acc", ".4f"),
-    ("best_test_acc", "best test acc", ".4f"),
+# (summary key, column title, format): the numbers the table reports. The task's come first, from
+# its headline metric (summary.json "headline"; runs written before it are classification, acc).
+EXTRA = {"loss": (("final_test_bpc", "final test bpc", ".4f"), ("final_test_ppl", "final test ppl", ".3f"))}
+COSTS = (
     ("gbitops", "GBitOPs", ".4g"),
     ("wall_time_s", "wall time (s)", ".1f"),
 )
+
+
+def task_metrics(name: str) -> tuple[tuple[str, str, str], ...]:
+    return ((f"final_test_{name}", f"final test {name}", ".4f"), (f"best_test_{name}", f"best test {name}", ".4f"),
+            *EXTRA.get(name, ()))
 
 
 @dataclass
@@ -34,6 +39,16 @@ class Row:
     seeds: list
     failed: list[str]  # one line per failed run: "<folder>: <error>"
     stats: dict[str, Stat | None]
+    gap: float | None = None  # mean headline minus the baseline's (None: no baseline, or another metric)
+
+
+@dataclass
+class Table:
+    """The rows, the numbers they report (METRICS-style triples) and the baseline the gap is taken to."""
+
+    rows: list[Row]
+    metrics: tuple[tuple[str, str, str], ...]
+    baseline: tuple[str, float] | None = None  # (headline metric, the baseline runs' mean), when named
 
 
 def stat(values: list[float]) -> Stat | None:
@@ -46,14 +61,25 @@ def stat(values: list[float]) -> Stat | None:
     return Stat(mean, std, len(vals))
 
 
-def summarize(groups: list[Group]) -> list[Row]:
+def summarize(groups: list[Group], baseline: list[Run] | None = None) -> Table:
+    """Each group's statistics over its seeds; with `baseline` (finished runs), every group's gap of the
+    mean final headline metric to theirs (e.g. the validation-loss gap to full precision)."""
+    names = list(dict.fromkeys(headline(r.summary) for g in groups for r in g.done)) or ["acc"]
+    metrics = tuple(m for n in names for m in task_metrics(n)) + COSTS
+    ref = None
+    if baseline:
+        name = headline(baseline[0].summary)
+        s = stat([r.summary.get(f"final_test_{name}") for r in baseline if headline(r.summary) == name])
+        ref = (name, s.mean) if s is not None else None
     rows = []
     for g in groups:
         done = g.done
-        stats = {key: stat([r.summary.get(key) for r in done]) for key, _, _ in METRICS}
+        stats = {key: stat([r.summary.get(key) for r in done]) for key, _, _ in metrics}
         failed = [f"{r.path}: {(r.failed or {}).get('error', 'failed')}" for r in g.failed]
-        rows.append(Row(g, [r.seed for r in done], failed, stats))
-    return rows
+        own = stats.get(f"final_test_{ref[0]}") if ref else None
+        gap = own.mean - ref[1] if own is not None and {headline(r.summary) for r in done} == {ref[0]} else None
+        rows.append(Row(g, [r.seed for r in done], failed, stats, gap))
+    return Table(rows, metrics, ref)
 
 
 def fmt(s: Stat | None, spec: str) -> str:
@@ -64,46 +90,54 @@ def fmt(s: Stat | None, spec: str) -> str:
     return f"{format(s.mean, spec)} ± {format(s.std, spec)}"
 
 
-def columns(keys: list[str]) -> list[str]:
-    return [*keys, "seeds", "failed", *(title for _, title, _ in METRICS)]
+def gap_title(table: Table) -> list[str]:
+    return [f"gap in final test {table.baseline[0]} to baseline"] if table.baseline else []
 
 
-def cells(row: Row, keys: list[str]) -> list[str]:
+def columns(table: Table, keys: list[str]) -> list[str]:
+    return [*keys, "seeds", "failed", *(title for _, title, _ in table.metrics), *gap_title(table)]
+
+
+def cells(table: Table, row: Row, keys: list[str]) -> list[str]:
     own = dict(row.group.key)
+    gap = ([("–" if row.gap is None else f"{row.gap:+.4f}")] if table.baseline else [])
     return [*(own.get(k, "–") for k in keys), str(len(row.seeds)), str(len(row.failed)),
-            *(fmt(row.stats[key], spec) for key, _, spec in METRICS)]
+            *(fmt(row.stats[key], spec) for key, _, spec in table.metrics), *gap]
 
 
-def markdown(rows: list[Row], keys: list[str]) -> str:
-    head = columns(keys)
+def markdown(table: Table, keys: list[str]) -> str:
+    head = columns(table, keys)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
-    lines += ["| " + " | ".join(cells(r, keys)) + " |" for r in rows]
+    lines += ["| " + " | ".join(cells(table, r, keys)) + " |" for r in table.rows]
     return "\n".join(lines)
 
 
-def write_csv(path: Path, rows: list[Row], keys: list[str]) -> None:
-    """One row per group; numbers unrounded: <key>_mean, <key>_std, <key>_n per metric."""
+def write_csv(path: Path, table: Table, keys: list[str]) -> None:
+    """One row per group; numbers unrounded: <key>_mean, <key>_std, <key>_n per metric (and the gap)."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
+        gap = ["gap_to_baseline"] if table.baseline else []
         w.writerow(["group", *keys, "seeds", "failed",
-                    *(f"{key}_{part}" for key, _, _ in METRICS for part in ("mean", "std", "n"))])
-        for r in rows:
+                    *(f"{key}_{part}" for key, _, _ in table.metrics for part in ("mean", "std", "n")), *gap])
+        for r in table.rows:
             own = dict(r.group.key)
             nums = []
-            for key, _, _ in METRICS:
+            for key, _, _ in table.metrics:
                 s = r.stats[key]
                 if s is None:
                     nums += ["", "", 0]
                 else:
                     nums += [repr(s.mean), "" if math.isnan(s.std) else repr(s.std), s.n]
+            if table.baseline:
+                nums.append("" if r.gap is None else repr(r.gap))
             w.writerow([r.group.label, *(own.get(k, "") for k in keys), len(r.seeds), len(r.failed), *nums])
 
 
-def rich_table(rows: list[Row], keys: list[str], caption: str = "") -> Table:
-    t = Table(title="fqtrun report (mean ± std over seeds)", title_justify="left", box=box.SIMPLE_HEAD,
-              caption=caption or None, caption_justify="left")
-    for i, c in enumerate(columns(keys)):
+def rich_table(table: Table, keys: list[str], caption: str = "") -> RichTable:
+    t = RichTable(title="fqtrun report (mean ± std over seeds)", title_justify="left", box=box.SIMPLE_HEAD,
+                  caption=caption or None, caption_justify="left")
+    for i, c in enumerate(columns(table, keys)):
         t.add_column(c, justify="left" if i < len(keys) else "right", no_wrap=True)
-    for r in rows:
-        t.add_row(*cells(r, keys))
+    for r in table.rows:
+        t.add_row(*cells(table, r, keys))
     return t

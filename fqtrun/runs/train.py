@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fqtrun.build import DEFAULT_HOOKS, assemble, model_name, pick_device
+from fqtrun.build import DEFAULT_HOOKS, assemble, check_checkpoint, model_name, pick_device
 from fqtrun.config import validate_train
 from fqtrun.errors import CheckpointError, FqtrunError
 from fqtrun.files import write_json
 from fqtrun.precision.trace_plot import plot_bit_trace
 from fqtrun.quant.backends import backend_report
-from fqtrun.training.checkpoint import check_matches, load_checkpoint
+from fqtrun.training.checkpoint import load_checkpoint
 from fqtrun.training.distributed import NullLogger, SingleProcess
 from fqtrun.training.distributed import setup as setup_processes
 from fqtrun.training.hooks import HookSpec
@@ -107,7 +107,7 @@ def _train(cfg: DictConfig, out_dir: Path, dist: SingleProcess, overrides: list[
             raise CheckpointError(f"resume=true but {path} does not exist: pass hydra.run.dir=<the run folder "
                                   "to continue> (it holds last.pt)")
         ckpt = load_checkpoint(path)
-        check_matches(ckpt, model, name, path)
+        check_checkpoint(ckpt, model, run.bundle, name, path)
 
     jsonl = JsonlLogger(out_dir / "metrics.jsonl") if dist.is_main else NullLogger()  # DDP: rank 0 logs
     jsonl.truncate(0 if ckpt is None else ckpt.get("metrics_offset", 0))
@@ -127,7 +127,7 @@ def _train(cfg: DictConfig, out_dir: Path, dist: SingleProcess, overrides: list[
         model, run.optimizer, run.task, run.bundle.train, run.bundle.test, _loop_settings(cfg), out_dir, device,
         run.hooks, log, ProgressView(cfg.logger.progress if dist.is_main else "none", console), run.lr_at,
         extra_state=lambda: {"metrics_offset": jsonl.offset(), "model_name": name,
-                             "wandb_id": wandb.id if wandb else None},
+                             "wandb_id": wandb.id if wandb else None, "data": run.bundle.signature()},
         dist=dist,
     )
     if ckpt is not None:
@@ -146,6 +146,7 @@ def _train(cfg: DictConfig, out_dir: Path, dist: SingleProcess, overrides: list[
         **{f"final_test_{k}": v for k, v in state.last_eval.items()},
         headline: state.last_eval.get(run.task.headline, float("nan")),
         f"best_test_{run.task.headline}": float("nan") if state.best is None else state.best,
+        "headline": run.task.headline,
         "final_train_loss": state.last_train_loss,
         "epochs": state.epoch,
         "steps": state.step,
@@ -154,6 +155,7 @@ def _train(cfg: DictConfig, out_dir: Path, dist: SingleProcess, overrides: list[
         "overrides": overrides,
         "model": name,
         "dataset": choices.get("dataset") or str(cfg.dataset._target_).rsplit(".", 2)[-2],
+        **({"data": facts} if (facts := run.bundle.facts()) else {}),
         "quant": quant_label(run.recipe),
         "layers_quantized": run.report.converted if run.report else [],
         "layers_full_precision": run.report.kept if run.report else {},

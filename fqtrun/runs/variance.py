@@ -81,7 +81,7 @@ def study_model(cfg: DictConfig, bundle, noise: NoiseContext, name: str) -> torc
     quantize_model(qat, False, model, noise)
     if cfg.checkpoint:
         path = checkpoint_path(cfg.checkpoint)
-        load_weights(model, load_checkpoint(path), name, path)
+        load_weights(model, load_checkpoint(path), bundle, name, path)
     return model
 
 
@@ -99,7 +99,7 @@ def run_study(cfg: DictConfig, out_dir: Path, model_name: str) -> tuple[dict, Ta
     batches = held_batches(bundle.train, v.batch_size, v.batches, cfg.seed)
     bits = sorted({int(b) for b in v.bits})
     setups = {(q, b): fqt_slots(q, b, v.dw_quantizer, v.dw_bits) for q in names for b in bits}
-    res = measure_variance(model, batches, setups, k=v.k, loss_fn=build_task(cfg).loss, seed=cfg.seed)
+    res = measure_variance(model, batches, setups, k=v.k, loss_fn=build_task(cfg, bundle).loss, seed=cfg.seed)
 
     settings = {
         "model": model_name, "dataset": bundle.name, "checkpoint": str(checkpoint_path(cfg.checkpoint))

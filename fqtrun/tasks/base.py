@@ -51,6 +51,11 @@ class Task:
                 n += len(y)
         return self.metrics(loss_sum, sums, n)
 
+    def random_batch(self, n: int, input_shape: tuple[int, ...], num_classes: int,
+                     generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """n random (input, target) pairs of this task's form: what a benchmark times a model on."""
+        raise NotImplementedError
+
     def better(self, new: float, best: float | None) -> bool:
         return best is None or (new > best if self.higher_is_better else new < best)
 

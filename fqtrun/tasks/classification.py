@@ -33,6 +33,11 @@ class Classification(Task):
     def metrics(self, loss_sum: float, sums: dict[str, float], n: int) -> dict[str, float]:
         return {"loss": loss_sum / max(n, 1), "acc": sums.get("correct", 0) / max(n, 1)}
 
+    def random_batch(self, n, input_shape, num_classes, generator):
+        """Gaussian inputs and uniform labels."""
+        return (torch.randn(n, *input_shape, generator=generator),
+                torch.randint(0, num_classes, (n,), generator=generator))
+
     @torch.no_grad()
     def predict(self, model: nn.Module, dataset, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """(predicted classes, labels) over the dataset, in order, in eval mode."""

@@ -97,25 +97,27 @@ class ProgressView:
         self.quiet = mode == "none"
         self._p = None
 
-    def start(self, epochs: int, steps_per_epoch: int, first_epoch: int) -> None:
+    def start(self, epochs: int, steps_per_epoch: int, first_epoch: int, unit: str = "epoch") -> None:
+        """Bars for the run (`epochs` units: epochs, or steps for runs sized in steps) and the epoch's steps."""
         if not self.rich:
             return
         self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console)
         self._p.start()
-        self._epochs = self._p.add_task("epochs", total=epochs, completed=first_epoch, info="")
-        self._steps = self._p.add_task("steps", total=steps_per_epoch, info="")
+        self._epochs = self._p.add_task(f"{unit}s", total=epochs, completed=first_epoch, info="")
+        self._steps = self._p.add_task("steps" if unit == "epoch" else "epoch steps", total=steps_per_epoch, info="")
 
     def step(self, done: int, info: str) -> None:
         if self._p is not None:
             self._p.update(self._steps, completed=done, info=info)
 
-    def epoch(self, epoch: int, epochs: int, info: str) -> None:
+    def epoch(self, epoch: int, epochs: int, info: str, unit: str = "epoch") -> None:
+        """An evaluation after `epoch` of `epochs` units (epochs, or steps for runs sized in steps)."""
         if self._p is not None:
             self._p.update(self._epochs, completed=epoch, info=info)
             self._p.reset(self._steps)
         elif not self.quiet:
-            self.console.print(f"epoch {epoch}/{epochs}  {info}", highlight=False)
+            self.console.print(f"{unit} {epoch}/{epochs}  {info}", highlight=False)
 
     def stop(self) -> None:
         if self._p is not None:

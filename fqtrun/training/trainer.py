@@ -126,7 +126,7 @@ class Trainer:
         """Train from the current state to the last step; SIGTERM/SIGINT save and raise Interrupted."""
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         epochs = -(-self.total_steps // self.steps_per_epoch)
-        self.progress.start(epochs, self.steps_per_epoch, self.state.epoch)
+        self.progress.start(self.progress_total(), self.steps_per_epoch, *self.progress_at())
         try:
             while self.state.step < self.total_steps and not self._stop:
                 self._train_epoch()
@@ -254,11 +254,15 @@ class Trainer:
             st.best = value
         self.log({"step": st.step, "epoch": st.epoch, "split": "test", **metrics})
         shown = "  ".join(f"test {k} {v:.4f}" for k, v in metrics.items())
-        self.progress.epoch(st.epoch if self.s.eval_every == 0 else st.step,
-                            self.progress_total(), f"train loss {st.last_train_loss:.4f}  {shown}")
+        done, unit = self.progress_at()
+        self.progress.epoch(done, self.progress_total(), f"train loss {st.last_train_loss:.4f}  {shown}", unit)
 
     def progress_total(self) -> int:
         return -(-self.total_steps // self.steps_per_epoch) if self.s.eval_every == 0 else self.total_steps
+
+    def progress_at(self) -> tuple[int, str]:
+        """(units done, unit): epochs, or steps when the run evaluates every trainer.eval_every steps."""
+        return (self.state.step, "step") if self.s.eval_every > 0 else (self.state.epoch, "epoch")
 
 
 def steps_per_epoch(train_set, batch_size: int) -> int:

@@ -16,16 +16,16 @@ TINY = BenchSettings(**QUICK)
 
 
 def test_mlp_choice_is_the_block_model_at_bench_sizes():
-    name, model, shape = linear_model(OmegaConf.create({"_target_": "fqtrun.models.mlp.MLP"}), TINY)
-    assert isinstance(model, MLPBlocks) and shape == (64,)
+    name, model, shape, classes = linear_model(OmegaConf.create({"_target_": "fqtrun.models.mlp.MLP"}), TINY)
+    assert isinstance(model, MLPBlocks) and shape == (64,) and classes == TINY.classes
     assert name == "mlp: 1 x (Linear 64->128, GELU, Linear 128->64)"
     assert model(torch.randn(5, *shape)).shape == (5, TINY.classes)
 
 
 def test_other_choices_are_built_from_their_model_config():
     cfg = OmegaConf.create({"_target_": "fqtrun.models.cnn1d.CNN1D", "channels": 8})
-    name, model, shape = linear_model(cfg, TINY)
-    assert (name, shape) == ("CNN1D", (TINY.features,))
+    name, model, shape, classes = linear_model(cfg, TINY)
+    assert (name, shape, classes) == ("CNN1D", (TINY.features,), TINY.classes)
     assert model(torch.randn(5, *shape)).shape == (5, TINY.classes)
 
 
@@ -46,3 +46,11 @@ def test_fqt_model_quantizes_a_copy():
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is not None, reason="torchao is installed")
 def test_torchao_model_says_why_not():
     assert torchao_model(MLPBlocks(16, 32, 1, 3)) == "not installed"
+
+
+def test_a_language_model_is_built_over_token_windows():
+    cfg = OmegaConf.create({"_target_": "fqtrun.models.gpt.GPT", "n_layer": 1, "n_head": 2, "n_embd": 16,
+                            "block_size": 12})
+    name, model, shape, vocab = linear_model(cfg, TINY)
+    assert (shape, vocab) == ((12,), TINY.vocab) and name == f"GPT (12-token windows, vocabulary {TINY.vocab})"
+    assert model(torch.randint(0, vocab, (3, 12))).shape == (3, 12, vocab)
