@@ -38,10 +38,10 @@ from fqtrun.commands.common import run_reporting_errors
 from fqtrun.config import register_configs
 from fqtrun.data.loader import make_loader
 from fqtrun.errors import ConfigError
-from fqtrun.experiments import markdown_table
 from fqtrun.files import write_json
 from fqtrun.quant.convert import convert, quant_layers
 from fqtrun.quant.layers import NoiseContext
+from fqtrun.report.markdown import markdown_table
 from fqtrun.sparsity.config import SCHEMAS as SPARSITY_SCHEMAS
 from fqtrun.sparsity.diversity import count_transposable_blocks
 from fqtrun.sparsity.reconstruct import BN_TYPES, reconstruct, reestimate_bn
