@@ -33,7 +33,7 @@ from fqtrun.report.sweep import sweep_report
 @dataclass
 class ReportConfig:
     dirs: list[str] = field(default_factory=list)  # run / sweep folders (positional on the command line)
-    out: str | None = None  # where the report goes; null = the first of dirs
+    out: str | None = None  # where the grouped report goes; null = the first of dirs (tables.md stays in its folder)
     plots: bool = True
     # override keys (and their sub-keys) that do not define an experiment: left out of the grouping
     ignore: list[str] = field(default_factory=lambda: ["seed", "resume", "skip_done", "threads", "device",

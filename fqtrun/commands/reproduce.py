@@ -20,6 +20,7 @@ from fqtrun.experiment.spec import register_configs
 from fqtrun.runs.reproduce import run_reproduction
 
 register_configs()
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "conf" / "experiment"
 
 
 def prepare_argv(args: list[str]) -> list[str]:
@@ -27,6 +28,9 @@ def prepare_argv(args: list[str]) -> list[str]:
     names, out = split_positionals(args)
     if len(names) > 1:
         raise ConfigError(f"fqtrun reproduce takes one experiment name, got {' '.join(names)}: run them one by one")
+    if not names and not any(a.startswith(("-", "experiment=")) for a in out):
+        known = "|".join(sorted(p.stem for p in EXPERIMENTS.glob("*.yaml")))
+        raise ConfigError(f"fqtrun reproduce needs an experiment name: fqtrun reproduce <{known}>")
     return out + [f"experiment={n}" for n in names]
 
 

@@ -43,6 +43,8 @@ def values(results: Results, source: str, key: str) -> list[float]:
 
 
 class Cell:
+    """One figure of a source over its records: cell(source, results) -> the cell's text."""
+
     def sources(self) -> list[str]:
         """The sources the cell reads besides its row's."""
         return []
