@@ -27,28 +27,29 @@ test-slow: install  ## run the slow tests too
 	$(BIN)/python -m pytest -m "slow or not slow"
 
 lint: install  ## ruff
-	$(BIN)/ruff check fqtrun tests scripts
+	$(BIN)/ruff check fqtrun tests
 
-bench: install  ## benchmarks: quantizers and FQT steps vs fp32/bf16/torchao (bench.json), mask search (bench_masks.json)
+bench: install  ## benchmarks: quantizers, FQT steps vs fp32/bf16/torchao, mask search (outputs/bench/bench.json)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/fqtrun bench hydra.run.dir=outputs/bench
-	$(BIN)/python scripts/bench_masks.py --out bench_masks.json
 
-# The README tables (each writes a markdown table under results/; runs are reused when re-run).
-compare-qat: install  ## fp32 vs QAT 8/6/4-bit, MNIST-1D CNN and MLP, 3 seeds
-	$(BIN)/python scripts/compare_qat.py --seeds 0 1 2 --out results/qat
+# The README tables: `fqtrun reproduce <name>` runs conf/experiment/<name>.yaml into results/<name>
+# (tables.md; finished runs are reused when re-run; `fqtrun report results/<name>` renders the tables again).
+# jobs=2 trains two runs at a time; the figures do not depend on it, the wall-time columns do.
+compare-qat: install  ## fp32 vs QAT 8/6/4-bit, MNIST-1D CNN and MLP, 3 seeds (one run at a time: wall times)
+	$(BIN)/fqtrun reproduce qat
 
 reproduce-fqt: install  ## FQT: QAT vs PTQ/PSQ/BHQ at 4-8 bits, paper and strict protocols, variance plot
-	$(BIN)/python scripts/reproduce_fqt.py --out results/fqt --seeds 0 1 2 --epochs 50 --jobs 2
+	$(BIN)/fqtrun reproduce fqt jobs=2
 
 reproduce-cpt: install  ## static vs cyclic precision: accuracy and GBitOPs
-	$(BIN)/python scripts/reproduce_cpt.py --epochs 60 --seeds 0 1 2 --out results/cpt
+	$(BIN)/fqtrun reproduce cpt jobs=2
 
-reproduce-sparsity: install  ## dense vs 2:4, 2:4-T, 4:8-T, 2:4-T + BHQ 5-bit
-	$(BIN)/python scripts/reproduce_sparsity.py --out results/sparsity --seeds 0 1 2 --epochs 50 --channels 32
+reproduce-sparsity: install  ## dense vs 2:4, 2:4-T, 4:8-T, 2:4-T + BHQ 5-bit (one run at a time: train times)
+	$(BIN)/fqtrun reproduce sparsity
 
 reproduce-ridge: install  ## STE vs ridge dequantization; integer BN report (ResNet-20 / digits)
-	$(BIN)/python scripts/reproduce_ridge.py --seeds 0 1 2 --epochs 50 --rn-epochs 10 --out results/ridge
+	$(BIN)/fqtrun reproduce ridge jobs=2
 
 reproduce-lm: install  ## language model: fp32 GPT on the embedded corpus, 3 seeds (report table, a sample)
 	$(BIN)/fqtrun train -m model=gpt dataset=text seed=0,1,2 threads=1 logger.wandb.mode=disabled \

@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fqtrun.allocator import keep_freed_memory
+from fqtrun.errors import FqtrunError
 
 CONF = Path(__file__).resolve().parent / "conf"
 
@@ -21,7 +22,8 @@ COMMANDS = {
     "mask": ("fqtrun.commands.mask", "N:M / transposable mask quality, diversity, and dense -> N:M conversion"),
     "intbn": ("fqtrun.commands.intbn", "integer-exact fixed-point BatchNorm of a trained quantized model"),
     "sample": ("fqtrun.commands.sample", "text from a trained language model (model=gpt dataset=text)"),
-    "report": ("fqtrun.commands.report", "tables and plots over run and sweep folders"),
+    "report": ("fqtrun.commands.report", "tables and plots over run and sweep folders (and experiment folders)"),
+    "reproduce": ("fqtrun.commands.reproduce", "one README experiment end to end: its runs, steps and tables"),
     "bench": ("fqtrun.commands.bench", "speed ratios: quantizers vs clone, FQT step vs fp32 / bf16"),
 }
 
@@ -45,14 +47,18 @@ def main(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}: use one of {', '.join(COMMANDS)} (fqtrun --help)", file=sys.stderr)
         sys.exit(2)
-    problem = check_group_choices(argv[1:]) or check_output_dir(argv[1:])
+    problem = check_output_dir(argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     keep_freed_memory()  # big CPU temporaries reuse freed memory instead of new page faults
     module = importlib.import_module(COMMANDS[name][0])  # registers the command's schemas
-    args = getattr(module, "prepare_argv", list)(argv[1:])  # e.g. report: positional folders -> dirs=[...]
-    problem = check_unchosen_groups(name, args) or check_composes(name, args)
+    try:  # e.g. report: positional folders -> dirs=[...]; reproduce: a positional name -> experiment=<name>
+        args = getattr(module, "prepare_argv", list)(argv[1:])
+    except FqtrunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    problem = check_group_choices(args) or check_unchosen_groups(name, args) or check_composes(name, args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

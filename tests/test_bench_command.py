@@ -41,6 +41,17 @@ def test_quick_bench_writes_every_figure(tmp_path):
     # the MLP's Linears all run their GEMMs as int8; the report names every quantized layer
     assert run["linear"]["int8_layers"] == {"body.0": "int8", "body.2": "int8", "head": "int8"}
     assert run["cnn"]["int8_layers"]["features.0"].startswith("simulate (conv GEMM too small")
+    masks = run["masks"]  # the mask search on a 64 x 64 weight, each operation against clone()
+    assert masks["size"] == 64 and masks["rows"]["clone() (floor)"]["x_clone"] == 1.0
+    assert set(masks["rows"]) == {"clone() (floor)", "row-wise 2:4", "transposable 2:4, exact",
+                                  "transposable 4:8, greedy", "transposable 4:8, exact (min-cost flow)"}
+    assert all(r["median_ms"] > 0 for r in masks["rows"].values())
+    assert masks["rows"]["transposable 2:4, exact"]["target_ms"] == 100.0
+
+
+def test_masks_can_be_left_out(tmp_path):
+    run = run_bench(bench_cfg("bench.masks=false", "batch_size=8"), tmp_path)["runs"][0]
+    assert "masks" not in run
 
 
 def test_bench_refuses_bad_settings(tmp_path):

@@ -25,7 +25,7 @@ def fqtrun(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedP
 def test_help_lists_commands_from_any_folder(tmp_path):
     out = fqtrun("--help", cwd=tmp_path)
     assert out.returncode == 0
-    for command in ("train", "variance", "prt", "mask", "intbn", "report", "bench", "sample"):
+    for command in ("train", "variance", "prt", "mask", "intbn", "report", "reproduce", "bench", "sample"):
         assert f"  {command}" in out.stdout
 
 

@@ -32,12 +32,17 @@ class BenchSettings:
     grad: str = "per_sample"  # dX quantizer of the FQT steps (per_tensor | per_sample | householder)
     bits: int = 8  # every slot of the FQT steps
     compile: bool = True  # torch.compile the quantizers (FQT steps and the compiled quantizer rows)
+    masks: bool = True  # also time the mask search (masks.py) at each thread count
+    mask_size: int = 4096  # the square fp32 weight searched
+    mask_reps: int = 5
+    mask_flow: bool = True  # exact transposable 4:8 (batched min-cost flow): seconds at 4096^2
+    mask_flow_reps: int = 1
 
 
 # What bench.quick=true puts in place of the settings (a run of seconds: the tests' mode).
 QUICK = {"reps": 2, "warmup": 1, "threads": [1], "quant_elements": 1 << 16, "quant_rows": 64, "width": 64,
          "hidden": 128, "blocks": 1, "features": 64, "cnn_channels": 32, "cnn_in_channels": 4, "cnn_length": 32,
-         "cnn_batch": 16, "compile": False}
+         "cnn_batch": 16, "compile": False, "mask_size": 64, "mask_reps": 2}
 
 
 def resolve_settings(asked: BenchSettings, batch_size: int) -> BenchSettings:
@@ -48,7 +53,9 @@ def resolve_settings(asked: BenchSettings, batch_size: int) -> BenchSettings:
     checks = [(s.reps >= 1, f"bench.reps={s.reps} must be >= 1"),
               (all(t >= 1 for t in s.threads) and s.threads, f"bench.threads={s.threads} must list thread counts >= 1"),
               (batch_size >= 1, f"batch_size={batch_size} must be >= 1"),
-              (s.quant_elements >= s.quant_rows >= 1, "bench.quant_elements must be >= bench.quant_rows >= 1")]
+              (s.quant_elements >= s.quant_rows >= 1, "bench.quant_elements must be >= bench.quant_rows >= 1"),
+              (s.mask_size >= 8 and s.mask_reps >= 1 and s.mask_flow_reps >= 1,
+               "bench.mask_size must be >= 8 and bench.mask_reps, bench.mask_flow_reps >= 1")]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)

@@ -1,4 +1,4 @@
-"""The whole benchmark: quantizer figures and train-step figures of both models at every thread count.
+"""The whole benchmark: quantizer, train-step (both models) and mask-search figures at every thread count.
 
 run_suite returns the result dict that `fqtrun bench` writes as bench.json (the README quotes it).
 """
@@ -16,6 +16,7 @@ from torch import nn
 
 from fqtrun.allocator import keep_freed_memory
 from fqtrun.bench.harness import interleaved, median_ms, median_ratios
+from fqtrun.bench.masks import mask_bench
 from fqtrun.bench.models import cnn_model, fqt_model, linear_model, torchao_model
 from fqtrun.bench.settings import BenchSettings, resolve_settings
 from fqtrun.quant import fused, grid
@@ -120,6 +121,7 @@ def run_suite(asked: BenchSettings, model_cfg: DictConfig, batch_size: int, seed
                 "quantizers": quantizer_bench(s, seed),
                 "linear": step_bench(name, lin, *data["linear"], s),
                 "cnn": step_bench(cnn_name, cnn, *data["cnn"], s),
+                **({"masks": mask_bench(s, seed)} if s.masks else {}),
             })
     finally:
         torch.set_num_threads(threads_before)

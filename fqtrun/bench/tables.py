@@ -1,5 +1,5 @@
-"""The benchmark's result dict (suite.run_suite) as rich tables: one for the quantizers and one per model's
-train steps, for every thread count."""
+"""The benchmark's result dict (suite.run_suite) as rich tables: one for the quantizers, one per model's
+train steps and one for the mask search, for every thread count."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ def result_tables(result: dict) -> list[Table]:
             t.add_row(k, f"{v['x_clone']:.2f}", f"{v['median_ms']:.2f}", f"{v['x_psq']:.2f}" if "x_psq" in v else "")
         tables.append(t)
         tables += [step_table(run[part], run["threads"]) for part in ("linear", "cnn")]
+        if "masks" in run:
+            tables.append(mask_table(run["masks"], run["threads"]))
     return tables
 
 
@@ -33,6 +35,18 @@ def step_table(b: dict, threads: int) -> Table:
         if k == "FQT int8":
             note += f"; {b['int8_layers_ran_int8']}/{b['layers']} layers all-int8"
         t.add_row(k, f"{v['x_fp32']:.2f}", f"{v['speedup_vs_fp32']:.2f}x", f"{v['median_ms']:.1f}", note)
+    return t
+
+
+def mask_table(b: dict, threads: int) -> Table:
+    """The mask-search figures (masks.mask_bench's dict), targets marked met or not."""
+    t = Table(title=f"mask search, {b['size']} x {b['size']} fp32 weight, {threads} thread(s)", title_justify="left")
+    for col in ("operation", "median ms", "x clone()", "target"):
+        t.add_column(col)
+    for k, v in b["rows"].items():
+        target = "" if v["target_ms"] is None else \
+            f"< {v['target_ms']:.0f} ms {'✓' if v['median_ms'] < v['target_ms'] else '✗'}"
+        t.add_row(k, f"{v['median_ms']:.1f}", f"{v['x_clone']:.1f}", target)
     return t
 
 

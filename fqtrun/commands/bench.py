@@ -7,6 +7,8 @@
    the linear-heavy model (model=mlp: bench.blocks x (Linear width->hidden, GELU, Linear
    hidden->width); any other model choice is built from its model config) and for a CNN
    (cnn1d, bench.cnn_*).
+3. Mask search (bench.masks): row-wise and transposable N:M masks of a bench.mask_size square
+   weight (spec/performance.md target 4), each relative to tensor.clone() of that weight.
 Every figure is the median over interleaved repetitions of a per-repetition ratio, at each of
 bench.threads CPU threads; the load average is recorded. Tests never assert on these timings.
 The measuring lives in fqtrun.bench; this app composes the config, writes bench.json and prints.

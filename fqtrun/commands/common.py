@@ -108,3 +108,22 @@ def task_overrides() -> list[str]:
         return list(HydraConfig.get().overrides.task)
     except ValueError:
         return []
+
+
+# Hydra flags whose next argument is their value, not a positional argument.
+_VALUE_FLAGS = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
+                "-cd", "--config-dir", "--experimental-rerun"}
+
+
+def split_positionals(args: list[str]) -> tuple[list[str], list[str]]:
+    """(positional arguments, Hydra flags and overrides), each in order: what a command's prepare_argv
+    turns into overrides (report's folders, reproduce's experiment name). A path holding '=' that
+    exists is positional."""
+    positionals, rest, value_next = [], [], False
+    for a in args:
+        if value_next or a.startswith("-") or ("=" in a and not Path(a).exists()):
+            rest.append(a)
+            value_next = a in _VALUE_FLAGS
+        else:
+            positionals.append(a)
+    return positionals, rest

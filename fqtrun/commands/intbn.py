@@ -8,37 +8,19 @@ Writes intbn.json and prints the per-layer shifts and the accuracies.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import hydra
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import DictConfig
 from rich.table import Table
 
 from fqtrun.commands.common import run_reporting_errors
 from fqtrun.config import register_configs
-from fqtrun.runs.intbn import run_intbn_study
+from fqtrun.runs.intbn import register_intbn_schema, run_intbn_study
 from fqtrun.training.loggers import make_console, summary_table
 
-
-@dataclass
-class IntbnConfig:
-    checkpoint: str = MISSING  # last.pt inside a `fqtrun train` run folder (its .hydra/config.yaml is read)
-    bits: Optional[int] = None  # activation (requantization output) bits; null = as trained (quant.bits_a)
-    acc_bits: int = 32  # signed accumulator width (int32 hardware)
-    # where (A, B, T) must be exact: reachable = every accumulator the layer can produce from its weight codes
-    # and input grid (smallest shifts); full = every acc_bits integer
-    acc_range: str = "reachable"
-    max_shift: int = 40  # largest shift T searched
-    calib_samples: int = 1024  # training samples whose min-max range freezes each activation scale
-    batch_size: int = 500  # calibration and evaluation batch size
-    threads: int = 0  # torch CPU threads (0 = torch's default)
-
-
-register_configs()
-ConfigStore.instance().store(name="intbn_schema", node=IntbnConfig)
+register_configs()  # the train schemas (a run folder's config)
+register_intbn_schema()
 
 
 def intbn(cfg: DictConfig, out_dir: Path) -> dict:

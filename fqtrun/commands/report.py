@@ -4,10 +4,13 @@
     fqtrun report outputs multirun out=reports/today
     fqtrun report multirun/lm baseline=outputs/gpt_fp32      (a gap column: each group's final
                                                               headline metric minus the baseline's)
+    fqtrun report results/fqt                               (a `fqtrun reproduce` folder: its tables.md)
 
 Runs (single runs and sweep jobs alike) are grouped by their command-line overrides minus the
-seed and the bookkeeping keys in `ignore`; each group's row gives mean ± sample std over its
-seeds. Writes report.md, report.csv, report.html and PNGs into `out` (default: the first DIR).
+seed and the bookkeeping keys in `ignore` (fqtrun/report/sweep.py); each group's row gives mean ±
+sample std over its seeds. Writes report.md, report.csv, report.html and PNGs into `out` (default:
+the first DIR). A folder `fqtrun reproduce` wrote (it holds reproduce.yaml) gets its experiment's
+tables again instead, from its runs, in its own tables.md (fqtrun/report/experiment.py).
 """
 
 from __future__ import annotations
@@ -22,16 +25,18 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 from rich.console import Console
 
-from fqtrun.commands.common import run_reporting_errors
+from fqtrun.commands.common import run_reporting_errors, split_positionals
 from fqtrun.errors import ConfigError
-from fqtrun.report import html, plots, tables
-from fqtrun.report.collect import find_runs, group_runs, load_run, varying_keys
+from fqtrun.experiment.layout import TABLES_FILE, is_experiment
+from fqtrun.report import tables
+from fqtrun.report.experiment import experiment_report
+from fqtrun.report.sweep import sweep_report
 
 
 @dataclass
 class ReportConfig:
     dirs: list[str] = field(default_factory=list)  # run / sweep folders (positional on the command line)
-    out: str | None = None  # where the report goes; null = the first of dirs
+    out: str | None = None  # where the grouped report goes; null = the first of dirs (tables.md stays in its folder)
     plots: bool = True
     # a run or sweep folder whose finished runs are the reference (e.g. the fp32 model): the table gets each
     # group's gap in the mean final headline metric (test acc; validation loss for language models) to theirs
@@ -43,20 +48,10 @@ class ReportConfig:
 
 ConfigStore.instance().store(name="report_schema", node=ReportConfig)
 
-# Hydra flags whose next argument is their value, not a folder.
-_VALUE_FLAGS = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
-                "-cd", "--config-dir", "--experimental-rerun"}
-
 
 def prepare_argv(args: list[str]) -> list[str]:
     """Positional folders -> one dirs=[...] override; Hydra flags and overrides pass through."""
-    out, dirs, value_next = [], [], False
-    for a in args:
-        if value_next or a.startswith("-") or ("=" in a and not Path(a).exists()):
-            out.append(a)
-            value_next = a in _VALUE_FLAGS
-        else:
-            dirs.append(a)
+    dirs, out = split_positionals(args)
     if dirs:
         quoted = ",".join("'" + d.replace("\\", "\\\\").replace("'", "\\'") + "'" for d in dirs)
         out.append(f"dirs=[{quoted}]")
@@ -64,9 +59,9 @@ def prepare_argv(args: list[str]) -> list[str]:
 
 
 def run_report(cfg: DictConfig, out_dir: Path | None = None) -> dict:
-    """Find, group, tabulate and plot; returns what was written and what was skipped.
+    """Experiment folders get their tables.md again; the other folders one grouped report. Prints both.
 
-    `out_dir` (Hydra's run folder) is unused: the report goes to cfg.out or the first folder.
+    `out_dir` (Hydra's run folder) is unused: the grouped report goes to cfg.out or the first folder.
     """
     if not cfg.dirs:
         raise ConfigError("no folders to report on: fqtrun report <DIR>... (or dirs=[a,b])")
@@ -74,91 +69,30 @@ def run_report(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     for d in dirs:
         if not d.is_dir():
             raise ConfigError(f"report folder {d} does not exist: pass run or sweep folders "
-                              "(e.g. multirun/<date>/<time>)")
-    out = Path(cfg.out).expanduser() if cfg.out else dirs[0]
-    out.mkdir(parents=True, exist_ok=True)
-
-    paths, empty = find_runs(dirs)
-    if not paths:
-        raise ConfigError(f"no runs under {', '.join(map(str, dirs))}: a run folder has .hydra/config.yaml "
-                          "and metrics.jsonl, summary.json, failed.json or variance.json")
-    runs = [load_run(p) for p in paths]
-    ignore = list(cfg.ignore)
-    groups = group_runs(runs, ignore)
-    keys, common = varying_keys(groups)
-    table = tables.summarize(groups, _baseline(cfg.baseline))
-    skipped = [f"{p}: {why}" for p, why in empty]
-    skipped += [f"{r.path}: {r.skip_reason}" for r in runs if r.skip_reason]
-    notes = [f"{r.path}: {p}" for r in runs if not r.skip_reason for p in r.problems]
-    for g in groups:
-        seeds = [r.seed for r in g.done]
-        for seed in sorted({x for x in seeds if seeds.count(x) > 1}, key=str):
-            notes.append(f"group {g.label}: seed {seed} appears {seeds.count(seed)} times (the same run "
-                         "reported twice, or two sweeps with the same settings)")
-
-    figures, plot_notes = [], []
-    if cfg.plots:
-        for result in (plots.headline_vs_bits(groups, keys, out),
-                       plots.headline_curves(groups, keys, out),
-                       plots.bit_traces(groups, keys, out / "bit_traces.png"),
-                       plots.gradient_variance(groups, keys, runs, out / "gradient_variance.png")):
-            path, why = result
-            if path:
-                figures.append(path)
-            else:
-                plot_notes.append(f"not drawn: {why}")
-
-    shared = " ".join(f"{k}={v}" for k, v in common.items())
-    title = "fqtrun report: " + ", ".join(map(str, dirs))
-    (out / "report.md").write_text(_markdown(title, table, keys, shared, figures, notes + plot_notes, skipped),
-                                   encoding="utf-8")
-    tables.write_csv(out / "report.csv", table, keys)
-    page = html.page(title, table, keys, common, figures, notes + plot_notes, skipped)
-    (out / "report.html").write_text(page, encoding="utf-8")
-
+                              "(e.g. multirun/<date>/<time>) or a `fqtrun reproduce` output folder")
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # no cut columns in logs
-    caption = f"shared settings: {shared}" if shared else ""
-    console.print(tables.rich_table(table, keys, caption))
-    for r in table.rows:
+    experiments = [d for d in dirs if is_experiment(d)]
+    for d in experiments:
+        console.print(experiment_report(d), markup=False)
+        console.print(f"wrote {d / TABLES_FILE}")
+    others = [d for d in dirs if d not in experiments]
+    if not others:
+        return {"experiments": [str(d) for d in experiments]}
+    report = sweep_report(others, Path(cfg.out).expanduser() if cfg.out else others[0], cfg.plots, list(cfg.ignore),
+                          cfg.baseline)
+    console.print(tables.rich_table(report.table, report.keys, f"shared settings: {report.shared}" if report.shared else ""))
+    for r in report.table.rows:
         for f in r.failed:
             console.print(f"failed: {f}")
-    for s in skipped:
+    for s in report.skipped:
         console.print(f"skipped: {s}")
-    for n in notes + plot_notes:
+    for n in report.notes:
         console.print(f"note: {n}")
-    n_done = sum(len(g.done) for g in groups)
-    n_failed = sum(len(g.failed) for g in groups)
-    console.print(f"{len(groups)} groups from {n_done} finished and {n_failed} failed runs, {len(skipped)} "
-                  f"skipped; wrote {out / 'report.md'}, report.csv, report.html and {len(figures)} PNGs")
-    return {"out": str(out), "groups": len(groups), "done": n_done, "failed": n_failed, "skipped": skipped,
-            "figures": [str(f) for f in figures], "notes": notes + plot_notes}
-
-
-def _baseline(folder: str | None) -> list | None:
-    """The finished runs under the baseline folder (None: no baseline named)."""
-    if folder is None:
-        return None
-    where = Path(folder).expanduser()
-    done = [r for r in map(load_run, find_runs([where])[0]) if r.done] if where.is_dir() else []
-    if not done:
-        raise ConfigError(f"baseline={folder} holds no finished training run (summary.json): pass the folder of "
-                          "the reference run or sweep (e.g. the fp32 model's)")
-    return done
-
-
-def _markdown(title, table, keys, shared, figures, notes, skipped) -> str:
-    parts = [f"# {title}", "", "Mean ± sample standard deviation over seeds.", ""]
-    if shared:
-        parts += [f"Shared settings: `{shared}`", ""]
-    if table.baseline:
-        parts += [f"Gap to the baseline: its mean final test {table.baseline[0]} is {table.baseline[1]:.4f}.", ""]
-    parts += [tables.markdown(table, keys), ""]
-    failed = [f for r in table.rows for f in r.failed]
-    for name, items in (("Failed runs", failed), ("Skipped", skipped), ("Notes", notes)):
-        if items:
-            parts += [f"## {name}", "", *(f"- {i}" for i in items), ""]
-    parts += [f"![{f.stem.replace('_', ' ')}]({f.name})" for f in figures]
-    return "\n".join(parts) + "\n"
+    result = report.as_dict()
+    console.print(f"{result['groups']} groups from {result['done']} finished and {result['failed']} failed runs, "
+                  f"{len(report.skipped)} skipped; wrote {report.out / 'report.md'}, report.csv, report.html and "
+                  f"{len(report.figures)} PNGs")
+    return {"experiments": [str(d) for d in experiments], **result}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="report")

@@ -10,10 +10,13 @@ it feeds a residual add) stay float. `run_intbn_study` writes intbn.json and ret
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fqtrun.build import load_train_run
 from fqtrun.errors import ConfigError
@@ -24,6 +27,26 @@ from fqtrun.intbn.convert import ACC_RANGES, check_convertible, convert_model, u
 from fqtrun.intbn.derive import check_output_bits
 
 DEVICE = torch.device("cpu")  # the integer ops run in int64 / float64 on the CPU
+
+
+@dataclass
+class IntbnConfig:
+    checkpoint: str = MISSING  # last.pt inside a `fqtrun train` run folder (its .hydra/config.yaml is read)
+    bits: Optional[int] = None  # activation (requantization output) bits; null = as trained (quant.bits_a)
+    acc_bits: int = 32  # signed accumulator width (int32 hardware)
+    # where (A, B, T) must be exact: reachable = every accumulator the layer can produce from its weight codes
+    # and input grid (smallest shifts); full = every acc_bits integer
+    acc_range: str = "reachable"
+    max_shift: int = 40  # largest shift T searched
+    calib_samples: int = 1024  # training samples whose min-max range freezes each activation scale
+    batch_size: int = 500  # calibration and evaluation batch size
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+
+
+
+def register_intbn_schema(cs: ConfigStore | None = None) -> None:
+    """`fqtrun intbn`'s schema (conf/intbn.yaml), for the command and for `fqtrun reproduce`'s steps."""
+    (cs or ConfigStore.instance()).store(name="intbn_schema", node=IntbnConfig)
 
 
 def validate(cfg: DictConfig) -> None:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import csv
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
+from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 from rich import box
 from rich.table import Table
 
@@ -35,6 +38,35 @@ from fqtrun.quant.layers import NoiseContext
 from fqtrun.quant.quantizers import GRANULARITIES
 from fqtrun.quant.recipe import DW_QUANTIZERS, QuantConfig
 from fqtrun.training.checkpoint import load_checkpoint
+
+
+@dataclass
+class VarianceStudyConfig:
+    quantizers: list[str] = field(default_factory=lambda: ["per_tensor", "per_sample", "householder"])
+    bits: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 8])  # dX gradient bits studied
+    dw_bits: Optional[int] = None  # dW gradient bits: null = the studied bits (strict), 8 = the paper's protocol
+    dw_quantizer: str = "per_column"  # quantizer of dY in the dW GEMM: per_column | per_tensor
+    forward_bits: int = 8  # QAT forward: weights and input activations
+    weight_granularity: str = "tensor"  # forward weight ranges: tensor | channel
+    k: int = 10  # repeated FQT backward passes per batch
+    batches: int = 10  # batches of the train set averaged over
+    batch_size: int = 100
+
+
+@dataclass
+class VarianceCommandConfig:
+    dataset: Any = MISSING
+    model: Any = MISSING
+    variance: VarianceStudyConfig = field(default_factory=VarianceStudyConfig)
+    checkpoint: Optional[str] = None  # a run's last.pt (or its folder); null = a fresh model
+    seed: int = 0  # model init (fresh), held batches, noise
+    device: str = "auto"
+    threads: int = 0
+
+
+def register_variance_schema(cs: ConfigStore | None = None) -> None:
+    """`fqtrun variance`'s schema (conf/variance.yaml), for the command and for `fqtrun reproduce`'s steps."""
+    (cs or ConfigStore.instance()).store(name="variance_schema", node=VarianceCommandConfig)
 
 
 def validate(v) -> list[str]:

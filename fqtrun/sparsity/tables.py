@@ -7,7 +7,7 @@ from pathlib import Path
 from rich import box
 from rich.table import Table
 
-from fqtrun.markdown import markdown_table
+from fqtrun.report.markdown import markdown_table
 from fqtrun.training.loggers import summary_table
 
 HEADER = ["layer", "shape", "dens", "kept", "greedy", "MD", "MD unstr", "ms", "ms gr", "err mag", "err rec"]

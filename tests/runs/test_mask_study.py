@@ -19,8 +19,8 @@ from torch import nn
 from fqtrun.build import load_train_run
 from fqtrun.commands.common import user_error
 from fqtrun.errors import CheckpointError, ConfigError
-from fqtrun.experiments import compose_config
 from fqtrun.runs.mask import run_mask_study
+from fqtrun.runs.reproduce import compose_config
 from fqtrun.runs.train import run_training
 from fqtrun.sparsity.conversion import calibration_batches
 from fqtrun.sparsity.diversity import log10_mask_diversity
@@ -31,7 +31,7 @@ MASKED = ["features.2", "features.4"]  # 32 -> 32 channel convs: both dimensions
 
 
 def _compose(config_name: str, *overrides: str):
-    return compose_config(overrides, config_name)  # as the experiments compose it: no command imported
+    return compose_config(config_name, overrides)[0]  # as the experiments compose it: no command imported
 
 
 @pytest.fixture(scope="module")

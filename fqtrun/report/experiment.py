@@ -1,0 +1,257 @@
+"""An experiment folder's tables.md: the blocks of its spec (tables, lines, figures) over its records.
+
+Each block is built with instantiate from the spec's `experiment.tables` (its `_target_` names a
+class below) and renders markdown from the folder's Results (fqtrun.experiment.layout): one record
+per seed of every variant (its summary.json) and of every step (variance.json, mask.json, intbn.json).
+A cell is one figure of one source (a variant or step name) over its records.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+from fqtrun.errors import ConfigError
+from fqtrun.experiment.layout import TABLES_FILE, Results, load_results
+from fqtrun.experiment.spec import steps
+from fqtrun.precision.trace_plot import plot_bit_traces
+from fqtrun.report.markdown import markdown_table, mean_std
+
+
+# ----- cells: one figure of one source -----------------------------------------------------------
+def value(record: dict, key: str):
+    """record[key] with a dotted key (accuracy.dense); a dict of per-layer figures gives their mean; None if absent."""
+    v: Any = record
+    for part in key.split("."):
+        if not isinstance(v, dict) or part not in v:
+            return None
+        v = v[part]
+    return statistics.fmean(v.values()) if isinstance(v, dict) and v else v
+
+
+def values(results: Results, source: str, key: str) -> list[float]:
+    vals = [value(r, key) for r in results.records[source]]
+    if any(not isinstance(v, (int, float)) for v in vals):
+        raise ConfigError(f"a record of {source} in {results.folder} has no number at {key!r}: fix the "
+                          "experiment's tables or re-run its reproduction")
+    return vals
+
+
+class Cell:
+    """One figure of a source over its records: cell(source, results) -> the cell's text."""
+
+    def sources(self) -> list[str]:
+        """The sources the cell reads besides its row's."""
+        return []
+
+
+@dataclass
+class MeanStd(Cell):
+    """'mean ± sample std' over the seeds (one seed: the value), times `scale`."""
+
+    key: str
+    scale: float = 1.0
+    digits: int = 2
+
+    def __call__(self, source: str, results: Results) -> str:
+        return mean_std(values(results, source, self.key), self.scale, self.digits)
+
+
+@dataclass
+class Mean(Cell):
+    """The mean over the seeds times `scale`, then `suffix`; `missing` where no record holds the key."""
+
+    key: str
+    scale: float = 1.0
+    digits: int = 2
+    suffix: str = ""
+    missing: Optional[str] = None
+
+    def __call__(self, source: str, results: Results) -> str:
+        if self.missing is not None and all(value(r, self.key) is None for r in results.records[source]):
+            return self.missing
+        return f"{self.scale * statistics.fmean(values(results, source, self.key)):.{self.digits}f}{self.suffix}"
+
+
+@dataclass
+class Ratio(Cell):
+    """Mean of `key` over the source's seeds / the same over its baseline's (`baselines`; else itself)."""
+
+    key: str
+    digits: int = 4
+    baselines: dict[str, str] = field(default_factory=dict)
+
+    def __call__(self, source: str, results: Results) -> str:
+        base = statistics.fmean(values(results, self.baselines.get(source, source), self.key))
+        return f"{statistics.fmean(values(results, source, self.key)) / base:.{self.digits}f}"
+
+    def sources(self) -> list[str]:
+        return list(self.baselines.values())
+
+
+@dataclass
+class Count(Cell):
+    """How many seeds the source has."""
+
+    def __call__(self, source: str, results: Results) -> str:
+        return str(len(results.records[source]))
+
+
+# ----- blocks: a table, a line or a figure of tables.md -----------------------------------------------
+def _block(*parts: str) -> str:
+    return "\n".join(p.rstrip("\n") + "\n" for p in parts if p)
+
+
+@dataclass
+class RunTable:
+    """One row per source: its label cells, then one cell per column."""
+
+    header: list[str]
+    rows: dict[str, list[str]]  # source -> its label cells
+    columns: list[Any]  # cells
+    title: str = ""
+    note: str = ""
+
+    def render(self, results: Results) -> str:
+        body = [[*labels, *(cell(source, results) for cell in self.columns)] for source, labels in self.rows.items()]
+        return _block(self.title, markdown_table(self.header, body), self.note)
+
+    def sources(self) -> list[str]:
+        return [*self.rows, *(s for cell in self.columns for s in cell.sources())]
+
+
+@dataclass
+class GridTable:
+    """One row per label, one cell per source in it, all the same figure (e.g. quantizer x bits)."""
+
+    header: list[str]
+    rows: dict[str, list[str]]  # row label -> the sources of its cells
+    cell: Any
+    title: str = ""
+    note: str = ""
+
+    def render(self, results: Results) -> str:
+        body = [[label, *(self.cell(s, results) for s in sources)] for label, sources in self.rows.items()]
+        return _block(self.title, markdown_table(self.header, body), self.note)
+
+    def sources(self) -> list[str]:
+        return [*(s for sources in self.rows.values() for s in sources), *self.cell.sources()]
+
+
+@dataclass
+class Line:
+    """A sentence with one figure: `text` with {} where cell(source) goes."""
+
+    text: str
+    source: str
+    cell: Any
+
+    def render(self, results: Results) -> str:
+        return _block(self.text.format(self.cell(self.source, results)))
+
+    def sources(self) -> list[str]:
+        return [self.source, *self.cell.sources()]
+
+
+def _one(results: Results, source: str) -> tuple[dict, Path]:
+    """The single record (and its folder) of a one-seed step."""
+    records, folders = results.records[source], results.folders[source]
+    if len(records) != 1:
+        raise ConfigError(f"{source} has {len(records)} seeds: this table shows a single run's step (set its seed)")
+    return records[0], folders[0]
+
+
+class OneStep:
+    """A block of one step's single record (its `source`)."""
+
+    source: str
+
+    def sources(self) -> list[str]:
+        return [self.source]
+
+
+@dataclass
+class VarianceTable(OneStep):
+    """A `fqtrun variance` step: quantization variance per quantizer (rows) and bits (columns), and its plot."""
+
+    source: str
+    title: str = "Gradient variance (sampling variance {sampling:.2e})"  # {sampling}: the sampling variance
+
+    def render(self, results: Results) -> str:
+        data, folder = _one(results, self.source)
+        bits = sorted({int(b) for per_bits in data["quantization"].values() for b in per_bits})
+        rows = [[q, *(f"{per_bits[str(b)]['total']:.2e}" for b in bits)] for q, per_bits in data["quantization"].items()]
+        image = (folder / "variance.png").relative_to(results.folder)
+        return _block(self.title.format(sampling=data["sampling"]["total"]),
+                      markdown_table(["quantizer", *(f"{b} bits" for b in bits)], rows),
+                      f"![gradient variance vs bits]({image.as_posix()})")
+
+
+@dataclass
+class IntbnTable(OneStep):
+    """A `fqtrun intbn` step: shift bits per converted BN, ours vs naive, and the accuracies."""
+
+    source: str
+    title: str = "Integer BN (acc_range={acc_range})"  # formatted with intbn.json's fields
+
+    def render(self, results: Results) -> str:
+        s, _ = _one(results, self.source)
+        rows = [[r["bn"], str(r["channels"]), "yes" if r["verified_exact"] else "NO",
+                 f"{r['shift_mean']:.1f} / {r['shift_max']}",
+                 "-" if r["shift_naive_mean"] is None else f"{r['shift_naive_mean']:.1f} / {r['shift_naive_max']}"]
+                for r in s["layers"]]
+        header = ["BN", "channels", "exact", "shift ours mean / max", "shift naive mean / max"]
+        accuracy = (f"accuracy: float BN + requant {100 * s['acc_float_bn_requant']:.2f} %, integer BN "
+                    f"{100 * s['acc_integer_bn']:.2f} % (difference {100 * s['acc_difference']:+.2f}), fake-quant "
+                    f"with dynamic scales {100 * s['acc_fake_quant_dynamic']:.2f} %; {len(s['kept_float'])} BNs "
+                    "stay float (their output feeds a residual add).")
+        return _block(self.title.format(**s), markdown_table(header, rows), accuracy)
+
+
+@dataclass
+class BitTraces:
+    """The bit-width trace of each variant's first seed, one panel each, written to `file`."""
+
+    runs: dict[str, str]  # panel title -> variant
+    file: str = "bit_trace.png"
+    title: str = "bit-width traces"
+
+    def render(self, results: Results) -> str:
+        plot_bit_traces({label: results.folders[v][0] / "metrics.jsonl" for label, v in self.runs.items()},
+                        results.folder / self.file)
+        return _block(f"![{self.title}]({self.file})")
+
+    def sources(self) -> list[str]:
+        return list(self.runs.values())
+
+
+def build_blocks(exp) -> list:
+    """The experiment's blocks as objects, each naming only its variants and steps; else a one-line ConfigError.
+
+    `fqtrun reproduce` calls it before training, so a bad table stops the run before any time is spent."""
+    blocks = []
+    for i, node in enumerate(exp.tables):
+        try:
+            blocks.append(instantiate(node, _convert_="all"))
+        except InstantiationException as e:
+            cause = e.__cause__ or e
+            raise ConfigError(f"experiment.tables[{i}] of {exp.name} cannot be built "
+                              f"({' '.join(str(cause).split())[:200]}): fix it in conf/experiment/") from None
+        known = [*exp.variants, *(name for _, name, _ in steps(exp))]
+        if unknown := [s for s in blocks[-1].sources() if s not in known]:
+            raise ConfigError(f"experiment.tables[{i}] of {exp.name} names {unknown[0]!r}, which is no variant or "
+                              f"step: use one of {', '.join(known)}")
+    return blocks
+
+
+def experiment_report(folder: Path) -> str:
+    """Render an experiment folder's tables into <folder>/tables.md (and its figures); returns the markdown."""
+    results = load_results(Path(folder))
+    text = "\n".join(block.render(results) for block in build_blocks(results.spec.experiment))
+    (results.folder / TABLES_FILE).write_text(text, encoding="utf-8")
+    return text

@@ -1,0 +1,101 @@
+"""The grouped report over run and sweep folders: report.md, report.csv, report.html and PNGs.
+
+Runs (single runs and sweep jobs alike) are grouped by their command-line overrides minus the seed
+and the bookkeeping keys in `ignore`; each group's row gives mean ± sample std over its seeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fqtrun.errors import ConfigError
+from fqtrun.report import html, plots, tables
+from fqtrun.report.collect import Group, find_runs, group_runs, load_run, varying_keys
+
+
+@dataclass
+class SweepReport:
+    """What sweep_report wrote and found (the command prints it)."""
+
+    out: Path
+    groups: list[Group]
+    table: tables.Table  # the rows (and the baseline's headline metric, when one was named)
+    keys: list[str]  # the settings that vary between groups (the table's first columns)
+    shared: str  # the settings every group shares, as overrides
+    figures: list[Path]
+    notes: list[str]
+    skipped: list[str]
+
+    def as_dict(self) -> dict:
+        return {"out": str(self.out), "groups": len(self.groups), "done": sum(len(g.done) for g in self.groups),
+                "failed": sum(len(g.failed) for g in self.groups), "skipped": self.skipped,
+                "figures": [str(f) for f in self.figures], "notes": self.notes}
+
+
+def sweep_report(dirs: list[Path], out: Path, draw: bool, ignore: list[str],
+                 baseline: str | None = None) -> SweepReport:
+    """Find, group, tabulate and plot the runs under `dirs`; write the report into `out`. With a `baseline`
+    folder the table gets each group's gap in the final headline metric to its runs'."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths, empty = find_runs(dirs)
+    if not paths:
+        raise ConfigError(f"no runs under {', '.join(map(str, dirs))}: a run folder has .hydra/config.yaml "
+                          "and metrics.jsonl, summary.json, failed.json or variance.json")
+    runs = [load_run(p) for p in paths]
+    groups = group_runs(runs, ignore)
+    keys, common = varying_keys(groups)
+    table = tables.summarize(groups, _baseline(baseline))
+    skipped = [f"{p}: {why}" for p, why in empty]
+    skipped += [f"{r.path}: {r.skip_reason}" for r in runs if r.skip_reason]
+    notes = [f"{r.path}: {p}" for r in runs if not r.skip_reason for p in r.problems]
+    for g in groups:
+        seeds = [r.seed for r in g.done]
+        for seed in sorted({x for x in seeds if seeds.count(x) > 1}, key=str):
+            notes.append(f"group {g.label}: seed {seed} appears {seeds.count(seed)} times (the same run "
+                         "reported twice, or two sweeps with the same settings)")
+
+    figures = []
+    if draw:
+        for path, why in (plots.headline_vs_bits(groups, keys, out),
+                          plots.headline_curves(groups, keys, out),
+                          plots.bit_traces(groups, keys, out / "bit_traces.png"),
+                          plots.gradient_variance(groups, keys, runs, out / "gradient_variance.png")):
+            if path:
+                figures.append(path)
+            else:
+                notes.append(f"not drawn: {why}")
+
+    shared = " ".join(f"{k}={v}" for k, v in common.items())
+    title = "fqtrun report: " + ", ".join(map(str, dirs))
+    (out / "report.md").write_text(_markdown(title, table, keys, shared, figures, notes, skipped), encoding="utf-8")
+    tables.write_csv(out / "report.csv", table, keys)
+    (out / "report.html").write_text(html.page(title, table, keys, common, figures, notes, skipped), encoding="utf-8")
+    return SweepReport(out, groups, table, keys, shared, figures, notes, skipped)
+
+
+def _baseline(folder: str | None) -> list | None:
+    """The finished runs under the baseline folder (None: no baseline named)."""
+    if folder is None:
+        return None
+    where = Path(folder).expanduser()
+    done = [r for r in map(load_run, find_runs([where])[0]) if r.done] if where.is_dir() else []
+    if not done:
+        raise ConfigError(f"baseline={folder} holds no finished training run (summary.json): pass the folder of "
+                          "the reference run or sweep (e.g. the fp32 model's)")
+    return done
+
+
+def _markdown(title, table, keys, shared, figures, notes, skipped) -> str:
+    parts = [f"# {title}", "", "Mean ± sample standard deviation over seeds.", ""]
+    if shared:
+        parts += [f"Shared settings: `{shared}`", ""]
+    if table.baseline:
+        parts += [f"Gap to the baseline: its mean final test {table.baseline[0]} is {table.baseline[1]:.4f}.", ""]
+    parts += [tables.markdown(table, keys), ""]
+    failed = [f for r in table.rows for f in r.failed]
+    for name, items in (("Failed runs", failed), ("Skipped", skipped), ("Notes", notes)):
+        if items:
+            parts += [f"## {name}", "", *(f"- {i}" for i in items), ""]
+    parts += [f"![{f.stem.replace('_', ' ')}]({f.name})" for f in figures]
+    return "\n".join(parts) + "\n"
