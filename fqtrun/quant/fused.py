@@ -79,10 +79,11 @@ def nearest_int8(x: Tensor, scale: Tensor, zero: Tensor, bits: int, compile: boo
 
 
 def _epilogue(acc: Tensor, alpha_a: Tensor, col_term: Tensor, row_a: Tensor, alpha_b: Tensor,
-              scale_a: Tensor, scale_b: Tensor) -> Tensor:
-    """float32 ((acc + alpha_a col_term + row_a alpha_b) * scale_a) * scale_b: integer part exact in int32."""
+              scale_a: Tensor, scale_b: Tensor, offset_a: Tensor) -> Tensor:
+    """float32 ((acc + alpha_a col_term + row_a alpha_b) * scale_a) * scale_b + offset_a (col_term * scale_b):
+    integer part exact in int32."""
     exact = acc + alpha_a * col_term + row_a * alpha_b
-    return exact.to(torch.float32) * scale_a * scale_b
+    return exact.to(torch.float32) * scale_a * scale_b + offset_a * (col_term.to(torch.float32) * scale_b)
 
 
 @functools.lru_cache(maxsize=1)
@@ -91,18 +92,23 @@ def _compiled_epilogue():
 
 
 def int_gemm_epilogue(acc: Tensor, alpha_a: Tensor, col_term: Tensor, row_a: Tensor, alpha_b: Tensor,
-                      scale_a: Tensor, scale_b: Tensor, compile: bool = False) -> Tensor:
-    """The int8 GEMM's zero-point corrections and scales on its int32 (M, N) output `acc`.
+                      scale_a: Tensor, scale_b: Tensor, offset_a: Tensor | None = None,
+                      compile: bool = False) -> Tensor:
+    """The int8 GEMM's zero-point corrections, scales and left offset on its int32 (M, N) output `acc`.
 
-    alpha_a, row_a, scale_a are (M, 1) or (1, 1); col_term, alpha_b, scale_b (1, N) or (1, 1).
-    Eager: two in-place broadcast addcmuls on acc (no (M, N) temporary), then the float pass;
-    compile=True: one fused pass over acc (same integers, same float products in the same order).
+    alpha_a, row_a, scale_a, offset_a are (M, 1) or (1, 1); col_term (colsum of b's integers, K alpha_b
+    included), alpha_b, scale_b (1, N) or (1, 1). offset_a (a span grid's lo; None: 0) adds
+    offset_a * colsum(b's values), a rank-1 term. Eager: two in-place broadcast addcmuls on acc (no
+    (M, N) temporary), the float pass, and the rank-1 addcmul; compile=True: one fused pass over acc
+    (same integers, same float products in the same order).
     """
     if compile:
+        off = torch.zeros(1, 1, device=acc.device) if offset_a is None else offset_a  # + 0 leaves values as they are
         try:
-            return _compiled_epilogue()(acc, alpha_a, col_term, row_a, alpha_b, scale_a, scale_b)
+            return _compiled_epilogue()(acc, alpha_a, col_term, row_a, alpha_b, scale_a, scale_b, off)
         except Exception as err:  # noqa: BLE001 (no C++ compiler, unsupported device: stay correct, eager)
             warnings.warn(f"int_gemm_epilogue: torch.compile failed ({err!r:.200}); running eager")
     acc.addcmul_(alpha_a, col_term)
     acc.addcmul_(row_a, alpha_b)
-    return acc.to(torch.float32).mul_(scale_a).mul_(scale_b)
+    out = acc.to(torch.float32).mul_(scale_a).mul_(scale_b)
+    return out if offset_a is None else out.addcmul_(offset_a, col_term.to(torch.float32) * scale_b)

@@ -59,15 +59,15 @@ static inline float noise_at(uint32_t i, uint32_t k1, uint32_t k2) {
 
 /* For a (n, k) row-major y, over blocks of BLOCK columns:
    - without a grid (inv == NULL): x = y;
-     with one: x = (SR(fma(y, inv, zero)) - zero) * scale, per-row grid and noise_at (grid.sr_quantize,
-     eager), stored in out;
+     with one: x = (SR(fma(y - lo, inv, zero)) - zero) * scale + lo, per-row grid (lo NULL: 0) and
+     noise_at (grid.sr_quantize, eager), stored in out;
    - seg[g, c] = sum over the rows r of group g, in row order, of w[r] * x[r, c];
    - out[r, c] = fma(-seg[group[r], c], coef[r], pre[r] * x[r, c]) / post[r] (one rounding for the
      multiply-subtract, as torch's addcmul_); pre / post may be NULL (factor 1).
    out may be y. Returns 0, or -1 when out of memory. */
 int bhq_kernel(const float *y, float *out, const int64_t *group, const float *w, const float *coef,
                const float *pre, const float *post, const float *inv, const float *zero, const float *scale,
-               float big, uint32_t k1, uint32_t k2, int64_t n, int64_t k, int nthreads) {
+               const float *lo, float big, uint32_t k1, uint32_t k2, int64_t n, int64_t k, int nthreads) {
     int64_t nblocks = (k + BLOCK - 1) / BLOCK;
     const float *x = inv ? out : y;
     int failed = 0;
@@ -89,14 +89,14 @@ int bhq_kernel(const float *y, float *out, const int64_t *group, const float *w,
                 const float wr = w[r];
                 if (inv) {
                     float *outr = out + r * k + c0;
-                    const float ir = inv[r], zr = zero[r], qr = scale[r];
+                    const float ir = inv[r], zr = zero[r], qr = scale[r], lr = lo ? lo[r] : 0.0f;
                     const uint32_t base = (uint32_t)(r * k + c0);
                     for (int32_t c = 0; c < (int32_t)m; c++) {
-                        float u = fmaf(yr[c], ir, zr);
+                        float u = fmaf(yr[c] - lr, ir, zr);
                         u = u < 0.0f ? 0.0f : (u > big ? big : u);
                         float f = floorf(u);
                         float code = f + (noise_at(base + (uint32_t)c, k1, k2) < u - f ? 1.0f : 0.0f);
-                        float v = (code - zr) * qr;
+                        float v = (code - zr) * qr + lr;
                         outr[c] = v;
                         float t = v * wr;
                         sr[c] = sr[c] + t;
@@ -179,7 +179,7 @@ def _library() -> ctypes.CDLL | None:
                 os.replace(lib, path)  # atomic: parallel sweep jobs may build it at the same time
         so = ctypes.CDLL(str(path))
         so.bhq_kernel.restype = ctypes.c_int
-        so.bhq_kernel.argtypes = ([ctypes.c_void_p] * 10 + [ctypes.c_float, ctypes.c_uint32, ctypes.c_uint32,
+        so.bhq_kernel.argtypes = ([ctypes.c_void_p] * 11 + [ctypes.c_float, ctypes.c_uint32, ctypes.c_uint32,
                                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int])
         return so
     except (OSError, subprocess.SubprocessError) as err:
@@ -227,18 +227,20 @@ def reflect(out: Tensor, y: Tensor, group: Tensor, w: Tensor, coef: Tensor,
     if lib is None:
         return None
     _check(lib.bhq_kernel(_ptr(y), _ptr(out), _ptr(group), _ptr(w), _ptr(coef), _ptr(pre), _ptr(post),
-                          None, None, None, 0.0, 0, 0, y.shape[0], y.shape[1], torch.get_num_threads()))
+                          None, None, None, None, 0.0, 0, 0, y.shape[0], y.shape[1], torch.get_num_threads()))
     return out
 
 
-def sr_inverse(y: Tensor, scale: Tensor, zero: Tensor, bits: int, seed: int, group: Tensor,
+def sr_inverse(y: Tensor, scale: Tensor, zero: Tensor, lo: Tensor | None, bits: int, seed: int, group: Tensor,
                w: Tensor, coef: Tensor, post: Tensor) -> Tensor | None:
-    """grid.sr_quantize(y, scale, zero, bits, seed, dequant=True) followed by BHQ's inverse transform
+    """grid.sr_quantize(y, scale, zero, bits, seed, dequant=True, lo=lo) followed by BHQ's inverse transform
     (w, coef, post as in reflect), in one pass; None when the kernel cannot run here.
 
-    scale, zero: (N, 1) per-row grid. Same values as the eager torch path (its noise, its roundings).
+    scale, zero, lo: (N, 1) per-row grid (lo None: 0). Same values as the eager torch path (its noise,
+    its roundings).
     """
-    if not _takes(y, y, group, [w, coef, post, zero, scale]) or y.numel() >= 2**32:
+    grid = [zero, scale] + ([] if lo is None else [lo])
+    if not _takes(y, y, group, [w, coef, post, *grid]) or y.numel() >= 2**32:
         return None
     lib = _library()
     if lib is None:
@@ -246,6 +248,6 @@ def sr_inverse(y: Tensor, scale: Tensor, zero: Tensor, bits: int, seed: int, gro
     k1, k2 = seed_keys(seed)
     out, inv = torch.empty_like(y), torch.reciprocal(scale)  # only once the kernel will run
     _check(lib.bhq_kernel(_ptr(y), _ptr(out), _ptr(group), _ptr(w), _ptr(coef), None, _ptr(post), _ptr(inv),
-                          _ptr(zero), _ptr(scale), float(levels(bits)), k1, k2, y.shape[0], y.shape[1],
+                          _ptr(zero), _ptr(scale), _ptr(lo), float(levels(bits)), k1, k2, y.shape[0], y.shape[1],
                           torch.get_num_threads()))
     return out

@@ -12,15 +12,14 @@ import torch
 
 from fqtrun.quant import native
 from fqtrun.quant.gradient import block_householder_transform, make_gradient_quantizer
-from fqtrun.quant.grid import covering_grid, sr_quantize
+from fqtrun.quant.grid import covering_grid, span_grid, sr_quantize
 
 
 def transform_and_input(n: int, k: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, k, generator=g) * torch.exp(2 * torch.randn(n, 1, generator=g))
     x[: max(1, n // 8)] *= 1000  # a few dominant rows: groups of several sizes
-    lo, hi = x.amin(dim=1), x.amax(dim=1)
-    return block_householder_transform(hi.clamp(min=0) - lo.clamp(max=0)), x
+    return block_householder_transform(x.amax(dim=1) - x.amin(dim=1)), x
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -48,15 +47,16 @@ def test_kernel_equals_the_torch_form(n, k, monkeypatch):
 
 
 @pytest.mark.parametrize("bits", [2, 5, 8])
-def test_fused_sr_and_inverse_equal_the_two_torch_passes(bits, monkeypatch):
+@pytest.mark.parametrize("kind", ["span", "zero-aligned"])
+def test_fused_sr_and_inverse_equal_the_two_torch_passes(bits, kind, monkeypatch):
     if native._library() is None:
         pytest.skip("no C compiler here: the torch form is what runs")
     t, x = transform_and_input(48, 200, seed=bits)
     y = t.apply(x)
-    scale, zero = covering_grid(y, bits, keep_dim=0)
-    fused = native.sr_inverse(y, scale, zero, bits, 11, t.group, t.weight, t.coef, t.row_scale)
+    scale, zero, lo = span_grid(y, bits, keep_dim=0) if kind == "span" else (*covering_grid(y, bits, keep_dim=0), None)
+    fused = native.sr_inverse(y, scale, zero, lo, bits, 11, t.group, t.weight, t.coef, t.row_scale)
     monkeypatch.setattr(native, "reflect", lambda *args, **kwargs: None)
-    ref = t.inverse(sr_quantize(y, scale, zero, bits, 11, dequant=True))  # eager torch SR, same noise
+    ref = t.inverse(sr_quantize(y, scale, zero, bits, 11, dequant=True, lo=lo))  # eager torch SR, same noise
     assert same(fused, ref)
 
 

@@ -13,9 +13,14 @@ Zero points (the choice made here): the min-max and covering grids are asymmetri
 0..B with an integer zero z, and c - z spans up to -255..255 at 8 bits. The int8 operand is
 q = c - 128 (always in -128..127) with alpha = 128 - z, so c - z = q + alpha, and
     (qa + alpha_a)(qb + alpha_b) = qa qb + alpha_a colsum(qb) + rowsum(qa) alpha_b + K alpha_a alpha_b,
-the exact integer GEMM of (c - z), in int32 (K <= MAX_K). With the scales applied outside, the
-outputs equal the simulate backend's whenever fp32 holds the simulate products exactly (integer
-sums below 2^24, power-of-two scales); otherwise they differ by fp32 rounding only. BHQ's
+the exact integer GEMM of (c - z), in int32 (K <= MAX_K). PSQ's and BHQ's span grids put code 0
+at each row's minimum lo instead (value c * s + lo, zero 0): the left operand of the dX GEMM then
+carries an offset, and
+    Q(dY) W = diag(s) (C W) + lo colsum(W)
+is the same exact integer GEMM on the codes plus a rank-1 term from W's column sums (already in
+the zero-point correction). With the scales applied outside, the outputs equal the simulate
+backend's whenever fp32 holds the simulate products exactly (integer sums below 2^24,
+power-of-two scales, offsets on the grid); otherwise they differ by fp32 rounding only. BHQ's
 transform stays outside the GEMM: T^-1 is applied to the dX GEMM's output (it acts on rows).
 """
 
@@ -44,21 +49,24 @@ _SIMULATE = Simulate()  # runs the layers that int8 and auto refuse
 
 @dataclass
 class IntOperand:
-    """A quantized matrix (R, C): value = (q + alpha) * scale, q int8 = code - 128, alpha = 128 - zero.
+    """A quantized matrix (R, C): value = (q + alpha) * scale + offset, q int8 = code - 128,
+    alpha = 128 - zero, offset the value of code 0 on a span grid (None: 0).
 
-    alpha (int32) and scale (float32) are (R, 1), (1, C) or (1, 1): constant along one dim at least.
+    alpha (int32), scale and offset (float32) are (R, 1), (1, C) or (1, 1): constant along one dim at least.
     """
 
     q: Tensor
     alpha: Tensor
     scale: Tensor
+    offset: Tensor | None = None
 
     def t(self) -> IntOperand:
-        return IntOperand(self.q.t(), self.alpha.t(), self.scale.t())
+        return IntOperand(self.q.t(), self.alpha.t(), self.scale.t(), None if self.offset is None else self.offset.t())
 
     def dequantize(self) -> Tensor:
-        """(code - zero) * scale in float32, the simulate backend's operand."""
-        return (self.q.float() + self.alpha) * self.scale
+        """(code - zero) * scale + offset in float32, the simulate backend's operand."""
+        v = (self.q.float() + self.alpha) * self.scale
+        return v if self.offset is None else v.add_(self.offset)
 
 
 def _alpha(zero: Tensor) -> Tensor:
@@ -68,19 +76,23 @@ def _alpha(zero: Tensor) -> Tensor:
 def int_matmul(a: IntOperand, b: IntOperand, compile: bool = False) -> Tensor:
     """float32 (M, N) = a @ b via one int8 GEMM with int32 accumulation plus zero-point corrections.
 
-    a's alpha/scale must be constant along K (shape (M, 1) or (1, 1)), b's along K too ((1, N) or (1, 1)).
-    compile=True fuses the corrections and scales into one pass over the output (fused.int_gemm_epilogue).
+    a's alpha/scale/offset must be constant along K (shape (M, 1) or (1, 1)), b's along K too ((1, N) or
+    (1, 1)); only a may carry an offset (its rank-1 term uses b's column sums). compile=True fuses the
+    corrections and scales into one pass over the output (fused.int_gemm_epilogue).
     """
     k = a.q.shape[1]
     if a.alpha.shape[-1] != 1 or b.alpha.shape[0] != 1:
         raise ValueError("int_matmul: the scales of an operand vary along the reduction: use the fp32 path")
+    if b.offset is not None:
+        raise ValueError("int_matmul: only the left operand may carry an offset (a span grid): use the fp32 path")
     acc = torch._int_mm(a.q, b.q)  # (M, N) int32, exact
     # row/column sums as int8 GEMMs against ones: ~30x faster than .sum(dtype=int32) on CPU
     ones = torch.ones(8, k, dtype=torch.int8, device=a.q.device)
     row_a = torch._int_mm(a.q, ones.t())[:, :1]  # (M, 1)
     col_b = torch._int_mm(ones, b.q)[:1]  # (1, N)
-    # + alpha_a (colsum(qb) + K alpha_b) + rowsum(qa) alpha_b, then the scales
-    return fused.int_gemm_epilogue(acc, a.alpha, col_b + k * b.alpha, row_a, b.alpha, a.scale, b.scale, compile)
+    # + alpha_a (colsum(qb) + K alpha_b) + rowsum(qa) alpha_b, then the scales, then offset_a colsum(b)
+    return fused.int_gemm_epilogue(acc, a.alpha, col_b + k * b.alpha, row_a, b.alpha, a.scale, b.scale,
+                                   a.offset, compile)
 
 
 def _int_gemm_ok(a: IntOperand, b: IntOperand) -> str | None:
@@ -89,6 +101,8 @@ def _int_gemm_ok(a: IntOperand, b: IntOperand) -> str | None:
         return "int8 GEMM is wired for CPU only"  # GPU backends: not in this build
     if a.q.shape[1] > MAX_K:
         return f"reduction {a.q.shape[1]} > {MAX_K} could overflow int32"
+    if b.offset is not None:
+        return "right operand on a span grid"
     if a.alpha.shape[-1] != 1:
         return "left scales vary along the reduction"
     if b.alpha.shape[0] != 1:
@@ -120,12 +134,14 @@ def _int8_slot(q) -> str | None:
     return None
 
 
-def forward_operand(q: MinMaxQuantizer, x2: Tensor, per_row: bool, compile: bool) -> IntOperand:
+def forward_operand(q: MinMaxQuantizer, x2: Tensor, per_row: bool, compile: bool,
+                    what: str = "weight") -> IntOperand:
     """int8 operand of a 2-D forward tensor with the same codes as q.codes(x2).
 
-    per_row=True: one grid per row (weights per output channel); else one per tensor.
+    per_row=True: one grid per row (weights per output channel); else one per tensor. NonFiniteError
+    (naming `what`) when x2 holds NaN or inf.
     """
-    scale, zero = grid.minmax_grid(x2, q.bits, keep_dim=0 if per_row else None)
+    scale, zero = grid.minmax_grid(x2, q.bits, keep_dim=0 if per_row else None, what=what)
     codes = fused.nearest_int8(x2, scale, zero, q.bits, compile=compile)
     return IntOperand(codes, _alpha(zero), scale.float())
 
@@ -135,7 +151,7 @@ def grad_operand(gc) -> IntOperand | None:
     if gc.codes.dtype != torch.uint8:
         return None
     q = torch.bitwise_xor(gc.codes, fused.OFFSET).view(torch.int8)  # c ^ 0x80 read as int8 = c - 128
-    return IntOperand(q, _alpha(gc.zero), gc.scale.float())
+    return IntOperand(q, _alpha(gc.zero), gc.scale.float(), gc.lo)
 
 
 def fp_operand(t: Tensor) -> IntOperand:
@@ -264,7 +280,7 @@ def _conv_refusal(layer) -> str | None:
 def _activation_operand(layer, record: RunRecord, x: Tensor, compile: bool) -> IntOperand:
     """Slot a's per-tensor operand of x (any shape: the codes keep it)."""
     qa = record.use("a", layer.slots["a"])
-    scale, zero = grid.minmax_grid(x, qa.bits)
+    scale, zero = grid.minmax_grid(x, qa.bits, what="activation")
     codes = fused.nearest_int8(x, scale, zero, qa.bits, compile=compile)
     return IntOperand(codes, _alpha(zero).view(1, 1), scale.float().view(1, 1))
 
@@ -413,4 +429,4 @@ def _sample_rows_to_positions(op: IntOperand, b: int, c_out: int) -> IntOperand:
 
     if isinstance(op, _FpOperand):
         return _FpOperand(q, op.alpha, op.scale)
-    return IntOperand(q, per_pos(op.alpha), per_pos(op.scale))
+    return IntOperand(q, per_pos(op.alpha), per_pos(op.scale), None if op.offset is None else per_pos(op.offset))
