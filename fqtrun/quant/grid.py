@@ -146,7 +146,7 @@ def stochastic_round(u: Tensor, noise: Tensor) -> Tensor:
     return f + (noise < (u - f)).to(u.dtype)
 
 
-def _row_range(x: Tensor, keep_dim: int | None) -> tuple[Tensor, Tensor]:
+def value_range(x: Tensor, keep_dim: int | None) -> tuple[Tensor, Tensor]:
     """float32 (min, max) of x, over the whole tensor or per index of keep_dim, broadcastable against x."""
     xf = x.detach().float()
     if keep_dim is None:
@@ -169,7 +169,7 @@ def covering_grid(x: Tensor, bits: int, keep_dim: int | None = None,
         raise ValueError(
             f"covering_grid bits={bits} must be >= 2: a 1-bit grid with 0 on it cannot be unbiased"
         )
-    return covering_grid_from_range(*_row_range(x, keep_dim), bits, what=what)
+    return covering_grid_from_range(*value_range(x, keep_dim), bits, what=what)
 
 
 def covering_grid_from_range(lo: Tensor, hi: Tensor, bits: int, what: str = "gradient") -> tuple[Tensor, Tensor]:
@@ -214,7 +214,7 @@ def _positive(scale: Tensor) -> Tensor:
 def span_grid(x: Tensor, bits: int, keep_dim: int | None = None,
               what: str = "gradient") -> tuple[Tensor, Tensor, Tensor]:
     """Float32 (scale, zero, lo) of the span grid of x (module docstring), per keep_dim as in minmax_grid."""
-    return span_grid_from_range(*_row_range(x, keep_dim), bits, what=what)
+    return span_grid_from_range(*value_range(x, keep_dim), bits, what=what)
 
 
 def span_grid_from_range(lo: Tensor, hi: Tensor, bits: int,

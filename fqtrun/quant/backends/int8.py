@@ -33,6 +33,7 @@ import torch
 from fqtrun.quant import fused, grid
 from fqtrun.quant.backends.base import Backend, RunRecord
 from fqtrun.quant.backends.simulate import Simulate
+from fqtrun.quant.gradient import quantize_pair
 from fqtrun.quant.quantizers import MinMaxQuantizer
 
 Tensor = torch.Tensor
@@ -59,9 +60,12 @@ class IntOperand:
     alpha: Tensor
     scale: Tensor
     offset: Tensor | None = None
+    rowsum: Tensor | None = None  # (R, 1) int32 sums of q over each row, when its quantizer made them
+    colsum: Tensor | None = None  # (1, C) over each column
 
     def t(self) -> IntOperand:
-        return IntOperand(self.q.t(), self.alpha.t(), self.scale.t(), None if self.offset is None else self.offset.t())
+        tr = lambda v: None if v is None else v.t()
+        return IntOperand(self.q.t(), self.alpha.t(), self.scale.t(), tr(self.offset), tr(self.colsum), tr(self.rowsum))
 
     def dequantize(self) -> Tensor:
         """(code - zero) * scale + offset in float32, the simulate backend's operand."""
@@ -73,12 +77,13 @@ def _alpha(zero: Tensor) -> Tensor:
     return (fused.OFFSET - zero).to(torch.int32)
 
 
-def int_matmul(a: IntOperand, b: IntOperand, compile: bool = False) -> Tensor:
-    """float32 (M, N) = a @ b via one int8 GEMM with int32 accumulation plus zero-point corrections.
+def int_matmul(a: IntOperand, b: IntOperand, compile: bool = False, bias: Tensor | None = None) -> Tensor:
+    """float32 (M, N) = a @ b (+ bias) via one int8 GEMM with int32 accumulation plus zero-point corrections.
 
     a's alpha/scale/offset must be constant along K (shape (M, 1) or (1, 1)), b's along K too ((1, N) or
-    (1, 1)); only a may carry an offset (its rank-1 term uses b's column sums). compile=True fuses the
-    corrections and scales into one pass over the output (fused.int_gemm_epilogue).
+    (1, 1)); only a may carry an offset (its rank-1 term uses b's column sums). The row sums of a and the
+    column sums of b come with the operands when their quantizer made them, else from int8 GEMMs against
+    ones. The corrections, scales and bias run as one pass over the output (fused.int_gemm_epilogue).
     """
     k = a.q.shape[1]
     if a.alpha.shape[-1] != 1 or b.alpha.shape[0] != 1:
@@ -86,13 +91,13 @@ def int_matmul(a: IntOperand, b: IntOperand, compile: bool = False) -> Tensor:
     if b.offset is not None:
         raise ValueError("int_matmul: only the left operand may carry an offset (a span grid): use the fp32 path")
     acc = torch._int_mm(a.q, b.q)  # (M, N) int32, exact
-    # row/column sums as int8 GEMMs against ones: ~30x faster than .sum(dtype=int32) on CPU
-    ones = torch.ones(8, k, dtype=torch.int8, device=a.q.device)
-    row_a = torch._int_mm(a.q, ones.t())[:, :1]  # (M, 1)
-    col_b = torch._int_mm(ones, b.q)[:1]  # (1, N)
-    # + alpha_a (colsum(qb) + K alpha_b) + rowsum(qa) alpha_b, then the scales, then offset_a colsum(b)
+    # missing row/column sums as int8 GEMMs against ones: ~30x faster than .sum(dtype=int32) on CPU
+    ones = torch.ones(8, k, dtype=torch.int8, device=a.q.device) if a.rowsum is None or b.colsum is None else None
+    row_a = torch._int_mm(a.q, ones.t())[:, :1] if a.rowsum is None else a.rowsum  # (M, 1)
+    col_b = torch._int_mm(ones, b.q)[:1] if b.colsum is None else b.colsum  # (1, N)
+    # + alpha_a (colsum(qb) + K alpha_b) + rowsum(qa) alpha_b, then the scales, offset_a colsum(b), bias
     return fused.int_gemm_epilogue(acc, a.alpha, col_b + k * b.alpha, row_a, b.alpha, a.scale, b.scale,
-                                   a.offset, compile)
+                                   a.offset, bias, compile)
 
 
 def _int_gemm_ok(a: IntOperand, b: IntOperand) -> str | None:
@@ -110,13 +115,15 @@ def _int_gemm_ok(a: IntOperand, b: IntOperand) -> str | None:
     return None
 
 
-def matmul(a: IntOperand, b: IntOperand, note: dict, gemm: str, compile: bool = False) -> Tensor:
-    """a @ b as an int8 GEMM when possible, else fp32 on the dequantized values; records which in note."""
+def matmul(a: IntOperand, b: IntOperand, note: dict, gemm: str, compile: bool = False,
+           bias: Tensor | None = None) -> Tensor:
+    """a @ b (+ bias) as an int8 GEMM when possible, else fp32 on the dequantized values; records which in note."""
     why = _int_gemm_ok(a, b)
     note[gemm] = "int8" if why is None else f"fp32 ({why})"
     if why is None:
-        return int_matmul(a, b, compile)
-    return a.dequantize() @ b.dequantize()
+        return int_matmul(a, b, compile, bias)
+    out = a.dequantize() @ b.dequantize()
+    return out if bias is None else out.add_(bias)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,8 +149,8 @@ def forward_operand(q: MinMaxQuantizer, x2: Tensor, per_row: bool, compile: bool
     (naming `what`) when x2 holds NaN or inf.
     """
     scale, zero = grid.minmax_grid(x2, q.bits, keep_dim=0 if per_row else None, what=what)
-    codes = fused.nearest_int8(x2, scale, zero, q.bits, compile=compile)
-    return IntOperand(codes, _alpha(zero), scale.float())
+    c = fused.nearest_int8(x2, scale, zero, q.bits, compile=compile)
+    return IntOperand(c.q, _alpha(zero), scale.float(), rowsum=c.rowsum, colsum=c.colsum)
 
 
 def grad_operand(gc) -> IntOperand | None:
@@ -151,7 +158,7 @@ def grad_operand(gc) -> IntOperand | None:
     if gc.codes.dtype != torch.uint8:
         return None
     q = torch.bitwise_xor(gc.codes, fused.OFFSET).view(torch.int8)  # c ^ 0x80 read as int8 = c - 128
-    return IntOperand(q, _alpha(gc.zero), gc.scale.float(), gc.lo)
+    return IntOperand(q, _alpha(gc.zero), gc.scale.float(), gc.lo, gc.rowsum, gc.colsum)
 
 
 def fp_operand(t: Tensor) -> IntOperand:
@@ -168,17 +175,22 @@ class _FpOperand(IntOperand):
         return self.q
 
 
-def _grad_matrix(layer, record: RunRecord, slot: str, g2: Tensor,
-                 need_row_grid: bool) -> tuple[IntOperand, object | None, str | None]:
-    """(operand of Q(g2), BHQ transform or None, why not int8 or None) for a backward GEMM.
+def _grad_codes(layer, record: RunRecord, g2: Tensor, slots: tuple[str, ...]) -> dict:
+    """slot -> the gradient codes of g2 for each of `slots` (None for a full-precision slot): the codes
+    simulate.quantize_grad dequantizes (same quantizer, same seed). dX and dW codes of the same g2 come
+    from one range pass and one SR pass where the quantizers allow (gradient.quantize_pair)."""
+    qs = {s: record.use(s, layer.slots[s]) for s in slots}
+    if len(slots) == 2 and all(q is not None for q in qs.values()):
+        dx, dw = quantize_pair(qs["dx"], qs["dw"], g2, layer.grad_seed("dx"), layer.grad_seed("dw"))
+        return {"dx": dx, "dw": dw}
+    return {s: None if q is None else q.quantize(g2, layer.grad_seed(s)) for s, q in qs.items()}
 
-    The codes are the ones simulate.quantize_grad dequantizes (same quantizer, same seed);
-    None slot -> fp32 g2.
-    """
-    q = record.use(slot, layer.slots[slot])
-    if q is None:
+
+def _grad_matrix(gc, g2: Tensor, need_row_grid: bool) -> tuple[IntOperand, object | None, str | None]:
+    """(operand of Q(g2), BHQ transform or None, why not int8 or None) for a backward GEMM, from the codes
+    gc of g2 (None: a full-precision slot, fp32 g2)."""
+    if gc is None:
         return fp_operand(g2), None, "dY full precision"
-    gc = q.quantize(g2, layer.grad_seed(slot))
     op = grad_operand(gc)
     if op is None:
         return fp_operand(gc.dequantize().float()), None, f"{gc.bits} bits > {INT8_MAX_BITS}"
@@ -190,10 +202,9 @@ def _grad_matrix(layer, record: RunRecord, slot: str, g2: Tensor,
     return op, gc.transform, None
 
 
-def _backward_gemm(layer, record: RunRecord, slot: str, g2: Tensor, other: IntOperand,
-                   compile: bool) -> Tensor:
-    """dX = Q(g2) @ other (slot dx) or dW = Q(g2)^T @ other (slot dw), int8 where possible."""
-    op, transform, why = _grad_matrix(layer, record, slot, g2, need_row_grid=(slot == "dx"))
+def _backward_gemm(record: RunRecord, slot: str, gc, g2: Tensor, other: IntOperand, compile: bool) -> Tensor:
+    """dX = Q(g2) @ other (slot dx) or dW = Q(g2)^T @ other (slot dw), int8 where possible; gc: Q(g2)'s codes."""
+    op, transform, why = _grad_matrix(gc, g2, need_row_grid=(slot == "dx"))
     left = op if slot == "dx" else op.t()
     if why is not None:
         record.gemms[slot] = f"fp32 ({why})"
@@ -281,8 +292,8 @@ def _activation_operand(layer, record: RunRecord, x: Tensor, compile: bool) -> I
     """Slot a's per-tensor operand of x (any shape: the codes keep it)."""
     qa = record.use("a", layer.slots["a"])
     scale, zero = grid.minmax_grid(x, qa.bits, what="activation")
-    codes = fused.nearest_int8(x, scale, zero, qa.bits, compile=compile)
-    return IntOperand(codes, _alpha(zero).view(1, 1), scale.float().view(1, 1))
+    c = fused.nearest_int8(x, scale, zero, qa.bits, compile=compile)
+    return IntOperand(c.q, _alpha(zero).view(1, 1), scale.float().view(1, 1), rowsum=c.rowsum, colsum=c.colsum)
 
 
 def _weight_operand(layer, record: RunRecord, w2: Tensor, compile: bool) -> IntOperand:
@@ -299,9 +310,7 @@ class Int8Linear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         xo, wo = _activation_operand(layer, record, x2, compile), _weight_operand(layer, record, w, compile)
         record.gemms = {}
-        y = matmul(xo, wo.t(), record.gemms, "fwd", compile)  # (N, out)
-        if bias is not None:
-            y.add_(bias)
+        y = matmul(xo, wo.t(), record.gemms, "fwd", compile, bias)  # (N, out)
         _save(ctx, (xo, wo), layer, record, compile, bias)
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], w.shape[0])
@@ -312,10 +321,12 @@ class Int8Linear(torch.autograd.Function):
         layer, record, compile = ctx.layer, ctx.record, ctx.compile
         g2 = gy.reshape(-1, gy.shape[-1]).float()  # (N, out), one row per sample (or token)
         gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = _backward_gemm(layer, record, "dx", g2, wo, compile).reshape(ctx.x_shape).to(gy.dtype)
-        if ctx.needs_input_grad[1]:
-            gw = _backward_gemm(layer, record, "dw", g2, xo, compile).to(gy.dtype)
+        slots = tuple(s for s, need in zip(("dx", "dw"), ctx.needs_input_grad[:2]) if need)
+        codes = _grad_codes(layer, record, g2, slots)
+        if "dx" in codes:
+            gx = _backward_gemm(record, "dx", codes["dx"], g2, wo, compile).reshape(ctx.x_shape).to(gy.dtype)
+        if "dw" in codes:
+            gw = _backward_gemm(record, "dw", codes["dw"], g2, xo, compile).to(gy.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0).to(gy.dtype)
         ctx.ops = None
@@ -381,9 +392,7 @@ class Int8Conv(torch.autograd.Function):
         xo, out_spatial = _int8_columns(_activation_operand(layer, record, x4, compile), k, s, p, d)
         wo = _weight_operand(layer, record, w.reshape(w.shape[0], -1), compile)
         record.gemms = {}
-        y = matmul(xo, wo.t(), record.gemms, "fwd", compile)  # (B*Ho*Wo, C_out)
-        if bias is not None:
-            y.add_(bias)
+        y = matmul(xo, wo.t(), record.gemms, "fwd", compile, bias)  # (B*Ho*Wo, C_out)
         y = y.view(b, *out_spatial, -1).movedim(-1, 1).reshape(b, -1, *(out_spatial if x.dim() == 4 else out_spatial[1:]))
         _save(ctx, (xo, wo), layer, record, compile, bias)
         ctx.geom = (x.shape, x4.shape, k, s, p, d, out_spatial)
@@ -399,7 +408,9 @@ class Int8Conv(torch.autograd.Function):
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             # dX quantizer: one row per sample over C_out*positions (as FQTConv)
-            op, transform, why = _grad_matrix(layer, record, "dx", gy.reshape(b, -1), need_row_grid=True)
+            g_rows = gy.reshape(b, -1)
+            codes = _grad_codes(layer, record, g_rows, ("dx",))
+            op, transform, why = _grad_matrix(codes["dx"], g_rows, need_row_grid=True)
             rows = _sample_rows_to_positions(op, b, c_out)  # (B*L, C_out)
             if why is not None:
                 record.gemms["dx"] = f"fp32 ({why})"
@@ -412,7 +423,8 @@ class Int8Conv(torch.autograd.Function):
             gx = gx.reshape(x_shape)
         if ctx.needs_input_grad[1]:
             cols = gy.movedim(1, -1).reshape(-1, c_out)  # (B*L, C_out): dW quantizer, one column per channel
-            gw = _backward_gemm(layer, record, "dw", cols, xo, compile).reshape(layer.weight.shape)
+            codes = _grad_codes(layer, record, cols, ("dw",))
+            gw = _backward_gemm(record, "dw", codes["dw"], cols, xo, compile).reshape(layer.weight.shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.sum(dim=[i for i in range(gy.dim()) if i != 1])
         ctx.ops = None
