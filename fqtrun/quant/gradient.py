@@ -296,8 +296,8 @@ class BlockHouseholder(_SRGradientQuantizer):
     Ranges are the rows' max - min, the span PSQ's min-max grid covers (as the reference code's
     preconditioner); a zero range means a constant row. N = 1 gives exactly PSQ. The rows of T X get
     the min-max grid: the reflections mix rows, so no zero-aligned grid could keep exact zeros anyway.
-    With the C kernels: a range pass, the set-up, a pass for the ranges of T X (never written), and one
-    pass for T X, its SR and (for values) T^-1.
+    With the C kernels: a range pass, the set-up, one pass for T X and its row ranges, and one for the SR
+    and (for values) T^-1, in place.
     """
 
     name = "householder"
@@ -321,10 +321,11 @@ class BlockHouseholder(_SRGradientQuantizer):
         lo, hi = got[0]
         check_range(lo, hi, what="gradient")
         transform = block_householder_transform((hi - lo).view(-1))
-        y_range = native_bhq.transformed_ranges(xf, transform)
-        if y_range is None:
+        got = native_bhq.transformed(xf, transform)
+        if got is None:
             return None
-        res = native_bhq.quantize(xf, transform, span_grid_from_range(*y_range, self.bits), self.bits, seed, codes)
+        y, grid = got[0], span_grid_from_range(*got[1:], self.bits)
+        res = native_bhq.quantize(y, transform, grid, self.bits, seed, codes)
         return None if res is None else (res, transform)
 
 

@@ -43,7 +43,7 @@ class BlockHouseholderTransform:
 
     def _reflect(self, out: Tensor | None, y: Tensor, w: Tensor, pre: Tensor | None = None,
                  post: Tensor | None = None) -> Tensor:
-        """(pre * y - coef * (per group, sum over its rows of w * y)) / post, into out (None: new).
+        """(pre * y - coef * (per group, sum over its rows of w * y)) * (1 / post), into out (None: new).
 
         H y is w = weight (pre, post absent). On CPU one C kernel (quant/native/bhq.py); elsewhere, or
         without a compiler, the same operations in torch: two (N, K) temporaries (the weighted rows,
@@ -61,7 +61,7 @@ class BlockHouseholderTransform:
         elif out is not y:
             out.copy_(y)
         out.addcmul_(t, self.coef, value=-1.0)
-        return out if post is None else out.div_(post)
+        return out if post is None else out.mul_(torch.reciprocal(post))  # a multiply: cheaper than a divide
 
     def householder(self, y: Tensor) -> Tensor:
         """H y (blockwise; H = H^T = H^-1)."""

@@ -1,7 +1,8 @@
 """The int8 and auto backends: the quantized layers' three GEMMs on integer codes (spec/performance.md).
 
 int8      the forward GEMM Y = X W^T, the input-gradient GEMM dX = Q(dY) W and the weight-gradient
-          GEMM dW = Q(dY)^T X run as torch._int_mm on the integer codes (int8 in, int32 accumulation),
+          GEMM dW = Q(dY)^T X run as exact int8 GEMMs on the integer codes (int8 in, int32 accumulation;
+          torch._int_mm or, on CPUs without fast int8 kernels, exact float32 chunks: int_gemm.py),
           scales applied outside. Convolutions run as the same GEMMs on im2col columns built from
           the int8 codes (and folded back per tap) when groups == 1 and the GEMM is big enough to
           win (MIN_CONV_GEMM), simulate otherwise. A GEMM whose operands are not both on an affine
@@ -32,6 +33,7 @@ import torch
 
 from fqtrun.quant import fused, grid
 from fqtrun.quant.backends.base import Backend, RunRecord
+from fqtrun.quant.backends.int_gemm import int8_gemm
 from fqtrun.quant.backends.simulate import Simulate
 from fqtrun.quant.gradient import quantize_pair
 from fqtrun.quant.quantizers import MinMaxQuantizer
@@ -90,11 +92,11 @@ def int_matmul(a: IntOperand, b: IntOperand, compile: bool = False, bias: Tensor
         raise ValueError("int_matmul: the scales of an operand vary along the reduction: use the fp32 path")
     if b.offset is not None:
         raise ValueError("int_matmul: only the left operand may carry an offset (a span grid): use the fp32 path")
-    acc = torch._int_mm(a.q, b.q)  # (M, N) int32, exact
+    acc = int8_gemm(a.q, b.q)  # (M, N) int32, exact
     # missing row/column sums as int8 GEMMs against ones: ~30x faster than .sum(dtype=int32) on CPU
     ones = torch.ones(8, k, dtype=torch.int8, device=a.q.device) if a.rowsum is None or b.colsum is None else None
-    row_a = torch._int_mm(a.q, ones.t())[:, :1] if a.rowsum is None else a.rowsum  # (M, 1)
-    col_b = torch._int_mm(ones, b.q)[:1] if b.colsum is None else b.colsum  # (1, N)
+    row_a = int8_gemm(a.q, ones.t())[:, :1] if a.rowsum is None else a.rowsum  # (M, 1)
+    col_b = int8_gemm(ones, b.q)[:1] if b.colsum is None else b.colsum  # (1, N)
     # + alpha_a (colsum(qb) + K alpha_b) + rowsum(qa) alpha_b, then the scales, offset_a colsum(b), bias
     return fused.int_gemm_epilogue(acc, a.alpha, col_b + k * b.alpha, row_a, b.alpha, a.scale, b.scale,
                                    a.offset, bias, compile)

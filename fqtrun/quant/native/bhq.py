@@ -1,9 +1,9 @@
 """BHQ in C (kernels.c bhq_setup, bhq_pass): the grouping, and y = T x, its row ranges, its SR and T^-1.
 
 With c = u - e_1 per group (gradient.BlockHouseholderTransform), H y = y - c (weight^T y): a segment
-sum and a gather. bhq_pass does them per block of columns whose group sums stay in cache, so a whole
-BHQ quantization is three passes over the gradient (row ranges; ranges of T x; T x, SR and T^-1),
-with no gradient-sized temporary, where the torch form makes about a dozen.
+sum and a gather. bhq_pass does them per group and block of columns, the block's rows and group sums in
+cache, so a whole BHQ quantization is three passes over the gradient (row ranges; T x with its row
+ranges; SR and T^-1 in place) and one gradient-sized buffer, where the torch form makes about a dozen.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _takes(x: Tensor, t, *vectors: Tensor | None) -> bool:
 
 
 def reflect(out: Tensor, y: Tensor, t, w: Tensor, pre: Tensor | None = None, post: Tensor | None = None) -> Tensor | None:
-    """out <- (pre * y - coef * S(w * y)) / post for the groups of transform t (pre or post, not both);
+    """out <- (pre * y - coef * S(w * y)) * (1 / post) for the groups of transform t (pre or post, not both);
     None when the kernel cannot run here. out may be y."""
     if pre is not None and post is not None:
         return None
@@ -61,34 +61,34 @@ def reflect(out: Tensor, y: Tensor, t, w: Tensor, pre: Tensor | None = None, pos
     return out
 
 
-def transformed_ranges(x: Tensor, t) -> tuple[Tensor, Tensor] | None:
-    """(min, max) of each row of T x as (N, 1), NaN-propagating, without writing T x; None when the kernel
-    cannot run here."""
+def transformed(x: Tensor, t) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(y = T x, the min and max of each row of y as (N, 1), NaN-propagating), in one pass over x; None when
+    the kernel cannot run here."""
     if not _takes(x, t):
         return None
     n = x.shape[0]
-    ylo, yhi = torch.empty(n, 1), torch.empty(n, 1)
-    _run(x, None, t.group, t.coef, w_in=t.weight * t.row_scale, pre=t.row_scale, ylo=ylo, yhi=yhi)
-    return ylo, yhi
+    y, ylo, yhi = torch.empty_like(x), torch.empty(n, 1), torch.empty(n, 1)
+    _run(x, y, t.group, t.coef, w_in=t.weight * t.row_scale, pre=t.row_scale, ylo=ylo, yhi=yhi)
+    return y, ylo, yhi
 
 
-def quantize(x: Tensor, t, grid: tuple[Tensor, Tensor, Tensor], bits: int, seed: int, codes: bool) -> SRResult | None:
-    """SR of T x onto the per-row grid (scale, zero, lo), noise grid.uniform_noise(x.shape, seed): uint8 codes
-    with their row and column sums (codes=True, bits <= 8), or the dequantized T^-1 (values of T x); the
-    values of gradient.BlockHouseholder's torch form. None when the kernel cannot run here."""
+def quantize(y: Tensor, t, grid: tuple[Tensor, Tensor, Tensor], bits: int, seed: int, codes: bool) -> SRResult | None:
+    """SR of y = T x onto the per-row grid (scale, zero, lo), noise grid.uniform_noise(y.shape, seed): uint8
+    codes with their row and column sums (codes=True, bits <= 8), or the dequantized T^-1 (values of x), the
+    latter written over y; the values of gradient.BlockHouseholder's torch form. None when the kernel cannot
+    run here."""
     scale, zero, lo = (g.float().contiguous() for g in grid)
-    if not _takes(x, t, scale, zero, lo) or (codes and bits > 8):
+    if not _takes(y, t, scale, zero, lo) or (codes and bits > 8):
         return None
-    n, d = x.shape
+    n, d = y.shape
     inv = torch.reciprocal(scale)
-    res = SRResult(torch.empty(n, d, dtype=torch.uint8 if codes else torch.float32), scale, zero, lo)
+    res = SRResult(torch.empty(n, d, dtype=torch.uint8) if codes else y, scale, zero, lo)
     target = library.SRTarget()
     fill_target(target, "rows", bits, seed, (scale, inv, zero, lo))
-    stages = {"w_in": t.weight * t.row_scale, "pre": t.row_scale}
     if codes:
         res.rowsum, res.colsum = torch.zeros(n, 1, dtype=torch.int32), torch.zeros(1, d, dtype=torch.int32)
         target.codes, target.rowsum, target.colsum = map(library.ptr, (res.out, res.rowsum, res.colsum))
+        _run(y, None, t.group, t.coef, target=target)
     else:
-        stages |= {"w_out": t.weight, "post": t.row_scale}
-    _run(x, res.out if not codes else None, t.group, t.coef, target=target, **stages)
+        _run(y, y, t.group, t.coef, target=target, w_out=t.weight, post=t.row_scale)
     return res

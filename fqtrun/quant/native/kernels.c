@@ -365,13 +365,22 @@ int bhq_setup(const float *ranges, int64_t n, int64_t *group, uint8_t *is_leader
     return ok ? 0 : -1;
 }
 
+/* seg[c] = seg[c] + x[c] * w, c < m (product rounded, then the sum: index_add_ of the weighted rows);
+   a function of its own, or GCC vectorises the loop over rows around it with gathers */
+__attribute__((noinline)) static void add_scaled(float *restrict seg, const float *restrict x, float w, int64_t m) {
+    for (int64_t c = 0; c < m; c++) {
+        float t = x[c] * w;
+        seg[c] = seg[c] + t;
+    }
+}
+
 /* For a (n, k) row-major x, one task per (group, block of `block` columns), the group's rows in row order
    (a task's rows and sums stay in the L2 cache, and its rows are contiguous runs of memory):
    stage 1 (w_in set):  y = fma(-S(w_in * x), coef, pre * x)      (pre NULL: factor 1); else y = x
-     with ylo/yhi set: the row ranges of y are written, nothing else;
+     with ylo/yhi set: the row ranges of y are written, and y itself into out when out is set; nothing else;
    stage 2 (grid set, kind 1): SR of y onto the row grid: grid->codes (+ row and column sums, zeroed by the
      caller) and stop, or the dequantized value v; else v = y;
-   stage 3 (w_out set): out = fma(-S(w_out * v), coef, v) / post (post NULL: 1); else out = v.
+   stage 3 (w_out set): out = fma(-S(w_out * v), coef, v) * (1 / post) (post NULL: 1); else out = v.
    S sums the rows of each group, in row order, and hands each row its group's sum. out may be x. */
 int bhq_pass(const float *x, float *out, int64_t n, int64_t k, int64_t block, const int64_t *group,
              const float *coef, const float *w_in, const float *pre, const sr_target *grid, const float *w_out,
@@ -426,32 +435,30 @@ int bhq_pass(const float *x, float *out, int64_t n, int64_t k, int64_t block, co
             const int64_t c0 = (task % nblocks) * block, m = (k - c0 < block) ? k - c0 : block;
             if (w_in) {
                 memset(seg1, 0, sizeof(float) * (size_t)m);
-                for (int64_t i = r0; i < r1; i++) {
-                    const float *xr = x + rows[i] * k + c0;
-                    const float wr = w_in[rows[i]];
-                    for (int64_t c = 0; c < m; c++) { float t = xr[c] * wr; seg1[c] = seg1[c] + t; }
-                }
+                for (int64_t i = r0; i < r1; i++) add_scaled(seg1, x + rows[i] * k + c0, w_in[rows[i]], m);
             }
             if (w_out) memset(seg2, 0, sizeof(float) * (size_t)m);
             for (int64_t i = r0; i < r1; i++) {
                 const int64_t r = rows[i];
                 const float *xr = x + r * k + c0;
                 const float *y = xr;
-                if (w_in) { /* stage 1 */
+                if (w_in) { /* stage 1, into out where y is all that is kept (ranges mode), else into yb */
+                    float *yr = ranges && out ? out + r * k + c0 : yb;
                     const float cr = coef[r];
                     if (pre) {
                         const float pr = pre[r];
-                        for (int64_t c = 0; c < m; c++) { float v = xr[c] * pr; yb[c] = fmaf(-seg1[c], cr, v); }
+                        for (int64_t c = 0; c < m; c++) { float v = xr[c] * pr; yr[c] = fmaf(-seg1[c], cr, v); }
                     } else {
-                        for (int64_t c = 0; c < m; c++) yb[c] = fmaf(-seg1[c], cr, xr[c]);
+                        for (int64_t c = 0; c < m; c++) yr[c] = fmaf(-seg1[c], cr, xr[c]);
                     }
-                    y = yb;
+                    y = yr;
                 }
                 if (ranges) {
                     float lo, hi;
                     row_range(y, m, &lo, &hi);
                     tlo[r] = min_nan(tlo[r], lo);
                     thi[r] = max_nan(thi[r], hi);
+                    if (out && out + r * k + c0 != y) memmove(out + r * k + c0, y, sizeof(float) * (size_t)m);
                     continue;
                 }
                 const uint32_t base = (uint32_t)(r * k + c0);
@@ -479,10 +486,7 @@ int bhq_pass(const float *x, float *out, int64_t n, int64_t k, int64_t block, co
                 } else if (outr != y) {
                     memmove(outr, y, sizeof(float) * (size_t)m);
                 }
-                if (w_out) {
-                    const float wr = w_out[r];
-                    for (int64_t c = 0; c < m; c++) { float t = outr[c] * wr; seg2[c] = seg2[c] + t; }
-                }
+                if (w_out) add_scaled(seg2, outr, w_out[r], m);
             }
             if (w_out && !ranges && !codes) /* stage 3 */
                 for (int64_t i = r0; i < r1; i++) {
@@ -491,8 +495,8 @@ int bhq_pass(const float *x, float *out, int64_t n, int64_t k, int64_t block, co
                     const float cr = coef[r];
                     for (int64_t c = 0; c < m; c++) outr[c] = fmaf(-seg2[c], cr, outr[c]);
                     if (post) {
-                        const float q = post[r];
-                        for (int64_t c = 0; c < m; c++) outr[c] = outr[c] / q;
+                        const float q = 1.0f / post[r];
+                        for (int64_t c = 0; c < m; c++) outr[c] = outr[c] * q;
                     }
                 }
         }

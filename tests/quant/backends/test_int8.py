@@ -18,9 +18,11 @@ from torch import nn
 from fqtrun.quant import fused, grid
 from fqtrun.quant.backends import apply_backend, backend_report
 from fqtrun.quant.backends.int8 import IntOperand, grad_operand, int_matmul
+from fqtrun.quant.backends.int_gemm import int8_gemm
 from fqtrun.quant.convert import convert
 from fqtrun.quant.gradient import make_gradient_quantizer
 from fqtrun.quant.layers import NoiseContext
+from fqtrun.quant.native import library
 from fqtrun.quant.quantizers import MinMaxQuantizer
 from fqtrun.quant.recipe import QuantConfig, slot_factory, validate
 
@@ -254,8 +256,10 @@ def test_training_curves_agree_within_seed_noise():
     assert (int8_0 - sim0).abs()[-10:].mean() < 0.2 * seed_noise
 
 
-def test_compiled_gemm_epilogue_equals_eager():
-    """fused.int_gemm_epilogue: the one-pass compiled form gives the eager form's floats bit for bit."""
+def test_compiled_gemm_epilogue_equals_eager(monkeypatch):
+    """fused.int_gemm_epilogue: the one-pass compiled form gives the eager form's floats bit for bit (the
+    C kernel, which runs first where it can, is tested against the eager form in test_native.py)."""
+    monkeypatch.setattr(library, "load", lambda: None)
     gen = torch.Generator().manual_seed(3)
     m, n = 33, 20
     acc = torch.randint(-2**20, 2**20, (m, n), generator=gen, dtype=torch.int32)
@@ -268,7 +272,25 @@ def test_compiled_gemm_epilogue_equals_eager():
     eager = fused.int_gemm_epilogue(acc.clone(), *args)
     ints = acc.long() + alpha_a.long() * col_term.long() + row_a.long() * alpha_b.long()  # int64 reference
     assert torch.equal(eager, ints.float() * scale_a * scale_b)
+    offset, bias = torch.randn(m, 1, generator=gen), torch.randn(n, generator=gen)  # a span grid's lo, a bias
+    eager_more = fused.int_gemm_epilogue(acc.clone(), *args, offset, bias)
+    assert torch.equal(eager_more, eager + offset * (col_term.float() * scale_b) + bias)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a silent eager fallback would make this test vacuous
         compiled = fused.int_gemm_epilogue(acc.clone(), *args, compile=True)
-    assert torch.equal(compiled, eager)
+        compiled_more = fused.int_gemm_epilogue(acc.clone(), *args, offset, bias, compile=True)
+    assert torch.equal(compiled, eager) and torch.equal(compiled_more, eager_more)
+
+
+@pytest.mark.parametrize("k", [1, 77, 1024, 2500])
+def test_float32_engine_is_the_exact_int8_gemm(k):
+    # oracle: an int64 matmul; extreme codes (-128 everywhere) reach the largest partial sums, 2^24 per chunk
+    gen = torch.Generator().manual_seed(k)
+    a = torch.randint(-128, 128, (19, k), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 128, (k, 23), generator=gen, dtype=torch.int8)
+    a[0], b[:, 0] = -128, -128
+    ref = (a.long() @ b.long()).int()
+    assert torch.equal(int8_gemm(a, b, use="fp32"), ref) and int(ref[0, 0]) == k * 2**14
+    assert torch.equal(int8_gemm(a, b.t().contiguous().t(), use="fp32"), ref)  # a transposed operand too
+    if k <= 1024:  # torch._int_mm is a plain loop on AVX2-only CPUs: keep its share of the suite small
+        assert torch.equal(int8_gemm(a, b, use="int_mm"), ref)
