@@ -25,8 +25,15 @@ def engine() -> str:
     return "int_mm" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "fp32"
 
 
+def gemm_input(q: Tensor) -> Tensor | None:
+    """What int8_gemm reads for the int8 q, made ahead for an operand two GEMMs read: a float32 copy on the
+    float32 engine (one conversion instead of two), else None (q itself)."""
+    return q.float() if engine() == "fp32" and q.device.type == "cpu" else None
+
+
 def int8_gemm(a: Tensor, b: Tensor, use: str | None = None) -> Tensor:
-    """a @ b for int8 (M, K) and (K, N) as int32 (M, N), exact; `use` forces an engine (tests)."""
+    """a @ b for int8 (M, K) and (K, N) as int32 (M, N), exact; `use` forces an engine (tests). The float32
+    engine also takes float32 tensors holding the int8 values (gemm_input)."""
     if (use or engine()) == "int_mm" or a.device.type != "cpu":
         return torch._int_mm(a, b)
     af, bf = a.float(), b.float()
