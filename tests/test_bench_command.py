@@ -25,11 +25,13 @@ def test_quick_bench_writes_every_figure(tmp_path):
     result = run_bench(bench_cfg("batch_size=24"), tmp_path)
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["batch_size"] == 24 and len(saved["runs"]) == 1 == len(result["runs"])
+    assert saved["int8_gemm"] in ("int_mm", "fp32") and saved["cpu_capability"] and "native_kernels" in saved
     run = saved["runs"][0]
     assert run["threads"] == 1 and len(run["load"]) == 3
-    for name in ("clone", "per_tensor SR eager", "per_sample SR eager", "householder SR eager"):
+    for name in ("clone", "per_tensor SR", "per_sample SR", "householder SR", "per_column SR codes",
+                 "per_sample + per_column codes, one pass", "forward int8 codes"):
         assert run["quantizers"][name]["x_clone"] > 0
-    assert run["quantizers"]["householder SR eager"]["x_psq"] > 0
+    assert run["quantizers"]["householder SR"]["x_psq"] > 0 and run["quantizers"]["householder SR codes"]["x_psq"] > 0
     for part in ("linear", "cnn"):
         steps = run[part]["steps"]
         for recipe in ("fp32", "bf16 autocast", "FQT simulate", "FQT int8"):

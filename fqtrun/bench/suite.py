@@ -20,34 +20,38 @@ from fqtrun.bench.masks import mask_bench
 from fqtrun.bench.models import cnn_model, fqt_model, linear_model, torchao_model
 from fqtrun.bench.settings import BenchSettings, resolve_settings
 from fqtrun.quant import fused, grid
-from fqtrun.quant.backends import backend_report
-from fqtrun.quant.gradient import make_gradient_quantizer
+from fqtrun.quant.backends import backend_report, int_gemm
+from fqtrun.quant.gradient import make_gradient_quantizer, quantize_pair
+from fqtrun.quant.native import library as native_library
 from fqtrun.tasks import TASKS, Task
 
 
 def quantizer_bench(s: BenchSettings, seed: int) -> dict:
-    """SR quantize-dequantize (PTQ, PSQ, BHQ) and int8 forward codes of one gradient, relative to its clone()."""
+    """SR quantize-dequantize and SR codes of one gradient (PTQ, PSQ, BHQ, per-column; PSQ's and the per-column
+    codes of the int8 backend's dX and dW in one pass) and its int8 forward codes, relative to its clone().
+
+    The quantizers run as a training step runs them: the C kernels where they run (the bench.json key
+    native_kernels), else the torch forms (torch.compile'd with bench.compile).
+    """
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(s.quant_rows, s.quant_elements // s.quant_rows, generator=g)
     x.mul_(torch.exp(2 * torch.randn(x.shape[0], 1, generator=g)))  # rows of different scales, as gradients
     fns: dict[str, Callable[[], object]] = {"clone": x.clone}
-    for name in ("per_tensor", "per_sample", "householder"):
-        q = make_gradient_quantizer(name, 8)
-        fns[f"{name} SR eager"] = lambda q=q: q(x, 1)
-        if s.compile:
-            qc = make_gradient_quantizer(name, 8, compile=True)
-            fns[f"{name} SR compiled"] = lambda q=qc: q(x, 1)
+    for name in ("per_tensor", "per_sample", "householder", "per_column"):
+        q = make_gradient_quantizer(name, 8, compile=s.compile)
+        fns[f"{name} SR"] = lambda q=q: q(x, 1)
+        fns[f"{name} SR codes"] = lambda q=q: q.quantize(x, 1)
+    pair = (make_gradient_quantizer("per_sample", 8, compile=s.compile),
+            make_gradient_quantizer("per_column", 8, compile=s.compile))
+    fns["per_sample + per_column codes, one pass"] = lambda: quantize_pair(*pair, x, 1, 2)
     scale, zero = grid.minmax_grid(x, 8)
-    fns["forward int8 codes eager"] = lambda: fused.nearest_int8(x, scale, zero, 8)
-    if s.compile:
-        fns["forward int8 codes compiled"] = lambda: fused.nearest_int8(x, scale, zero, 8, compile=True)
+    fns["forward int8 codes"] = lambda: fused.nearest_int8(x, scale, zero, 8, compile=s.compile)
     times = interleaved(fns, s.reps, s.warmup)
     ratios = median_ratios(times, "clone")
     out = {k: {"x_clone": round(ratios[k], 3), "median_ms": round(median_ms(v), 3)} for k, v in times.items()}
-    for mode in ("eager", "compiled"):
-        if f"householder SR {mode}" in times:
-            r = median_ratios(times, f"per_sample SR {mode}")[f"householder SR {mode}"]
-            out[f"householder SR {mode}"]["x_psq"] = round(r, 3)
+    for kind in ("SR", "SR codes"):
+        r = median_ratios(times, f"per_sample {kind}")[f"householder {kind}"]
+        out[f"householder {kind}"]["x_psq"] = round(r, 3)
     return out
 
 
@@ -111,7 +115,10 @@ def run_suite(asked: BenchSettings, model_cfg: DictConfig, batch_size: int, seed
             "cnn": model_task(cnn).random_batch(s.cnn_batch, (s.cnn_in_channels, s.cnn_length), s.classes, g)}
     malloc = "kept (fqtrun.allocator)" if keep_freed_memory() else "system"  # idempotent; the CLI set it already
     result: dict = {"load_before": os.getloadavg(), "malloc": malloc, "settings": dataclasses.asdict(s),
-                    "batch_size": batch_size, "torch": torch.__version__, "runs": []}
+                    "batch_size": batch_size, "torch": torch.__version__,
+                    # the int8 GEMM engine follows the CPU (torch._int_mm needs AVX-512 kernels to be fast)
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "int8_gemm": int_gemm.engine(),
+                    "native_kernels": native_library.load() is not None, "runs": []}
     threads_before = torch.get_num_threads()
     try:
         for t in s.threads:

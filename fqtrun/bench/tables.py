@@ -51,5 +51,7 @@ def mask_table(b: dict, threads: int) -> Table:
 
 
 def load_line(result: dict) -> str:
-    """The machine's load average before and after the run: how far to trust the figures."""
-    return f"load average before/after: {result['load_before'][0]:.2f} / {result['load_after'][0]:.2f}"
+    """The machine's load average before and after the run (how far to trust the figures), and what its CPU
+    runs the int8 GEMMs with."""
+    return (f"load average before/after: {result['load_before'][0]:.2f} / {result['load_after'][0]:.2f}; "
+            f"CPU {result['cpu_capability']}, int8 GEMMs via {result['int8_gemm']}")

@@ -9,9 +9,13 @@ so E[Q(X)] = X. Plain objects, no trainer needed:
     gc = q.quantize(x, seed)           # integer codes + scale/zero (+ BHQ transform)
     gc.dequantize()                    # == q(x, seed)
 
-An integer backend feeds gc.codes (minus gc.zero) to an integer GEMM, applies gc.scale to
-the result, and for BHQ applies gc.transform.inverse to the (N, K) product (T^-1 acts on
-rows only, so it commutes with any right-multiplication).
+Grids (grid.py): PTQ and per-column use zero-aligned grids (exact zeros stay exact); PSQ and BHQ
+use the plain min-max ("span") grid of each row, as the spec's exact-variance formula and the paper
+do; PSQ(grid="zero_aligned") keeps the zero-aligned grid for users who need exact zeros.
+An integer backend feeds gc.codes (minus gc.zero) to an integer GEMM, applies gc.scale to the
+result, adds gc.lo times the other operand's column sums (a rank-1 term, span grids only), and for
+BHQ applies gc.transform.inverse to the (N, K) product (T^-1 acts on rows only, so it commutes with
+any right-multiplication).
 """
 
 from __future__ import annotations
@@ -21,9 +25,19 @@ from dataclasses import dataclass
 
 import torch
 
-from fqtrun.quant import native
 from fqtrun.quant.bits import check_bits
-from fqtrun.quant.grid import covering_grid, covering_grid_from_range, sr_quantize, sr_quantize_compiled
+from fqtrun.quant.grid import (
+    covering_grid_from_range,
+    span_grid_from_range,
+    sr_quantize,
+    sr_quantize_compiled,
+    value_range,
+)
+from fqtrun.quant.householder import BlockHouseholderTransform, block_householder_transform
+from fqtrun.quant.native import bhq as native_bhq
+from fqtrun.quant.native import sr as native_sr
+from fqtrun.quant.native.sr import SRJob, SRResult
+from fqtrun.quant.numerics import check_range
 
 Tensor = torch.Tensor
 
@@ -42,154 +56,29 @@ def code_dtype(bits: int) -> torch.dtype:
     return torch.uint8 if bits <= 8 else torch.int32
 
 
-@dataclass(frozen=True)
-class BlockHouseholderTransform:
-    """T = H_g diag(s) on each group g of rows, kept in the input's row order (spec/fqt.md, BHQ).
+GRAD_GRIDS = ("minmax", "zero_aligned")  # PSQ's grid option (quant.grad_grid)
 
-    group:      (N,) int64, group id of each row; ids 0..G-1 are used, id g is led by row leader[g]
-    is_leader:  (N,) bool
-    leader:     (N,) int64, leader row of each group id (entries >= G are unused)
-    sizes:      (N,) int64, rows per group id (0 for unused ids)
-    num_groups: 0-d int64 tensor, G
-    row_scale:  (N, 1) float32, s1 on leaders, s2 on the other rows of the group
-    coef:       (N, 1) float32, (u - e_1) at the row, u = 1/sqrt(n) 1: 1/sqrt(n) - [leader]
-    weight:     (N, 1) float32, coef / (1 - 1/sqrt(n)); 0 in groups of one row
-    With c = u - e_1, H_n = I - c c^T / (1 - 1/sqrt(n)), so H y = y - c (weight^T y) per group:
-    a segment sum and a gather, O(N D), no N x N matrix.
-    """
-
-    group: Tensor
-    is_leader: Tensor
-    leader: Tensor
-    sizes: Tensor
-    num_groups: Tensor
-    row_scale: Tensor
-    coef: Tensor
-    weight: Tensor
-
-    def _reflect(self, out: Tensor | None, y: Tensor, w: Tensor, pre: Tensor | None = None,
-                 post: Tensor | None = None) -> Tensor:
-        """(pre * y - coef * (per group, sum over its rows of w * y)) / post, into out (None: new).
-
-        H y is w = weight (pre, post absent). On CPU one C kernel (quant/native.py); elsewhere, or
-        without a compiler, the same operations in torch: two (N, K) temporaries (the weighted rows,
-        reused for the gathered sums, and the segment sums).
-        """
-        if out is None:
-            out = torch.empty_like(y)
-        if native.reflect(out, y, self.group, w, self.coef, pre, post) is not None:
-            return out
-        t = y * w
-        seg = torch.zeros_like(t).index_add_(0, self.group, t)
-        torch.index_select(seg, 0, self.group, out=t)
-        if pre is not None:
-            torch.mul(y, pre, out=out)
-        elif out is not y:
-            out.copy_(y)
-        out.addcmul_(t, self.coef, value=-1.0)
-        return out if post is None else out.div_(post)
-
-    def householder(self, y: Tensor) -> Tensor:
-        """H y (blockwise; H = H^T = H^-1)."""
-        return self._reflect(None, y, self.weight)
-
-    def apply(self, x: Tensor) -> Tensor:
-        """T x = H (s * x) for any (N, K) x."""
-        return self._reflect(None, x, self.weight * self.row_scale, pre=self.row_scale)
-
-    def inverse(self, y: Tensor) -> Tensor:
-        """T^-1 y = (1 / s) * (H y) for any (N, K) y."""
-        return self._reflect(None, y, self.weight, post=self.row_scale)
-
-    def inverse_(self, y: Tensor) -> Tensor:
-        """inverse(y), computed in y's own storage (for a y nothing else reads)."""
-        return self._reflect(y, y, self.weight, post=self.row_scale)
-
-
-def _householder_maxabs(n: Tensor) -> Tensor:
-    """max |(H_n)_kl|: entries are 1/sqrt(n) (first row/column), 1 - a on the rest of the
-    diagonal and -a off it, with a = 1 / (n - sqrt(n)) (n >= 2; 1 for n <= 1)."""
-    rs = torch.rsqrt(n.clamp(min=1))
-    a = torch.where(n >= 2, 1.0 / (n - torch.sqrt(n)).clamp(min=1e-12), torch.zeros_like(n))
-    m = torch.maximum(rs, (1.0 - a).abs())
-    m = torch.maximum(m, torch.where(n >= 3, a, torch.zeros_like(a)))
-    return torch.where(n >= 2, m, torch.ones_like(n))
-
-
-def block_householder_transform(ranges: Tensor) -> BlockHouseholderTransform:
-    """Groups and scales of BHQ from the row ranges, vectorised (spec/fqt.md, BHQ pseudo-code).
-
-    The spec's stopping loop is evaluated for every candidate Z at once (cumsum) and the first
-    Z that stops is taken (argmax); small rows find their leader by searchsorted over the
-    rounded cumulative shares. Everything stays on the device with fixed shapes.
-    """
-    n_rows = ranges.shape[0]
-    dev = ranges.device
-    lam, perm = torch.sort(ranges.double(), descending=True, stable=True)
-    pos = torch.arange(n_rows, device=dev)
-    prefix = torch.cumsum(lam, 0)  # prefix[m] = lam[0] + ... + lam[m]
-    # after Z steps of the loop S = prefix[N-Z-1]; stop when Z lam[N-Z-1] > S or Z = N-1
-    z = pos + 1
-    last = (n_rows - z - 1).clamp(min=0)
-    stop = (z * lam[last] > prefix[last]) | (z >= n_rows - 1)
-    # first stopping Z (argmax returns the first maximum); 0-d tensors, never read on the host
-    n_small = torch.clamp(torch.argmax(stop.to(torch.int32)) + 1, max=n_rows - 1)
-    n_lead = n_rows - n_small
-    total = prefix.index_select(0, (n_lead - 1).view(1)).squeeze(0)
-    lead_mask = pos < n_lead
-    share = torch.where(lead_mask, n_small * lam / torch.where(total > 0, total, torch.ones_like(total)), 0.0)
-    cut = torch.round(torch.cumsum(share, 0))
-    cut = torch.where(pos >= n_lead - 1, n_small.double(), cut)  # c[G-1] = Z; sentinels after
-    small_group = torch.searchsorted(cut, (pos - n_lead).double(), right=True)
-    group_sorted = torch.where(lead_mask, pos, small_group)
-
-    group = torch.empty_like(perm).scatter_(0, perm, group_sorted)
-    is_leader = torch.empty_like(lead_mask).scatter_(0, perm, lead_mask)
-    sizes = torch.zeros(n_rows, dtype=torch.int64, device=dev).index_add_(0, group, torch.ones_like(group))
-
-    n = sizes.double()
-    rs = torch.rsqrt(n.clamp(min=1))
-    prev_cut = torch.cat([torch.zeros(1, dtype=cut.dtype, device=dev), cut[:-1]])
-    first_small = lam[(n_lead + prev_cut.long()).clamp(max=n_rows - 1)]  # largest small row of group g
-    multi = n >= 2
-    w1 = lam * rs  # lam[g] is the range of the leader of group g
-    w2 = first_small * _householder_maxabs(n)
-    s1 = torch.where(multi & (w1 > 0), w1.clamp(min=1e-300).pow(-1.0 / 3.0), torch.ones_like(w1))
-    s2 = torch.where(
-        multi & (w2 > 0), (w2 / (n - 1).clamp(min=1)).clamp(min=1e-300).pow(-1.0 / 3.0), torch.ones_like(w2)
-    )
-    inv_den = torch.where(multi, 1.0 / (1.0 - rs).clamp(min=1e-12), torch.zeros_like(rs))
-
-    row_scale = torch.where(is_leader, s1[group], s2[group])
-    coef = rs[group] - is_leader.double()
-    weight = coef * inv_den[group]
-    col = (n_rows, 1)
-    return BlockHouseholderTransform(
-        group=group,
-        is_leader=is_leader,
-        leader=perm,
-        sizes=sizes,
-        num_groups=n_lead,
-        row_scale=row_scale.float().view(col),
-        coef=coef.float().view(col),
-        weight=weight.float().view(col),
-    )
+Grid = tuple[Tensor, Tensor, "Tensor | None"]  # (scale, zero, lo) as grid.sr_quantize takes them
 
 
 @dataclass(frozen=True)
 class GradCodes:
-    """Integer SR codes of T X with their grid; dequantize() = T^-1 ((codes - zero) * scale)."""
+    """Integer SR codes of T X with their grid; dequantize() = T^-1 ((codes - zero) * scale + lo)."""
 
     codes: Tensor  # (N, D) in 0..B, uint8 (bits <= 8) or int32
     scale: Tensor  # float32, broadcastable against codes
-    zero: Tensor  # float32 integer values, broadcastable against codes
+    zero: Tensor  # float32 integer values, broadcastable against codes (0 on span grids)
     bits: int
     dtype: torch.dtype  # dtype of the quantized input (and of dequantize())
     transform: BlockHouseholderTransform | None = None
+    lo: Tensor | None = None  # float32 value of code 0 on span grids (None: zero-aligned, value 0 at zero)
+    rowsum: Tensor | None = None  # (N, 1) int32 sums of codes - 128 over each row, where the C kernel made them
+    colsum: Tensor | None = None  # (1, D) over each column (the int8 GEMMs' zero-point corrections)
 
     def grid_values(self) -> Tensor:
-        """(codes - zero) * scale in float32: the quantized T X, before T^-1."""
-        return (self.codes.float() - self.zero) * self.scale
+        """(codes - zero) * scale + lo in float32: the quantized T X, before T^-1."""
+        v = (self.codes.float() - self.zero) * self.scale
+        return v if self.lo is None else v.add_(self.lo)
 
     def dequantize(self) -> Tensor:
         v = self.grid_values()
@@ -199,13 +88,19 @@ class GradCodes:
 
 
 class _SRGradientQuantizer:
-    """Common part: a grid per row/column/tensor, SR codes, and what the last call used."""
+    """Common part: a grid from the ranges along keep_dim, SR codes, and what the last call used.
+
+    Where the C kernels run (float32 CPU tensors, quant/native/) a call is a range pass and one SR pass
+    (PSQ: a single pass); elsewhere the torch form: torch.compile'd SR with compile=True, else eager.
+    Both give the same codes (tests/quant/test_native.py).
+    """
 
     name = "base"
+    keep_dim: int | None = None  # ranges the grid is built from: None the whole tensor, 0 each row, 1 each column
 
     def __init__(self, bits: int, *, compile: bool = False):
         self.bits = bits
-        self.compile = bool(compile)  # fuse the SR pass with torch.compile; eager if that fails
+        self.compile = bool(compile)  # fuse the torch form's SR pass with torch.compile; eager if that fails
         self._last: dict = {}
 
     @property
@@ -216,16 +111,32 @@ class _SRGradientQuantizer:
     def bits(self, value: int) -> None:
         self._bits = check_bits(value, f"{type(self).__name__}: bits", "gradient")
 
-    def _grid(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _grid_from_range(self, lo: Tensor, hi: Tensor) -> Grid:
+        """The grid of ranges (lo, hi) taken along keep_dim ((1, 1), (N, 1) or (1, D))."""
         raise NotImplementedError
 
-    def _prepare(self, x: Tensor):
-        """(matrix to quantize, its grid, transform or None)."""
+    def _sr_job(self, ranges: dict, seed: int) -> SRJob:
+        """The C SR pass's target for this quantizer, its grid built from `ranges` (keep_dim -> (lo, hi))."""
+        return SRJob(_KINDS[self.keep_dim], self.bits, seed, self._grid_from_range(*ranges[self.keep_dim]), codes=True)
+
+    def _native(self, xf: Tensor, seed: int, codes: bool) -> tuple[SRResult, BlockHouseholderTransform | None] | None:
+        """(what the C SR pass wrote, transform) for codes or dequantized values; None where it cannot run."""
+        if codes and self.bits > 8:
+            return None
+        ranges = _ranges(xf, {self.keep_dim})
+        if ranges is None:
+            return None
+        job = self._sr_job(ranges, seed)
+        job.codes = codes
+        res = native_sr.sr_pass(xf, [job])
+        return None if res is None else (res[0], None)
+
+    def _prepare(self, x: Tensor) -> tuple[Tensor, Grid, BlockHouseholderTransform | None]:
+        """The torch form's (matrix to quantize, its grid, transform or None)."""
         xf = _as_matrix(type(self).__name__, x)
         if xf.numel() == 0:
-            return xf, torch.ones(1, 1, device=xf.device), torch.zeros(1, 1, device=xf.device), None
-        scale, zero = self._grid(xf)
-        return xf, scale, zero, None
+            return xf, (torch.ones(1, 1, device=xf.device), torch.zeros(1, 1, device=xf.device), None), None
+        return xf, self._grid_from_range(*value_range(xf, self.keep_dim)), None
 
     def _record(self, x: Tensor, transform) -> None:
         self._last = {
@@ -235,31 +146,40 @@ class _SRGradientQuantizer:
             "compiled": self.compile,
         }
 
-    def _sr(self, y: Tensor, scale: Tensor, zero: Tensor, seed: int, dequant: bool) -> Tensor:
+    def _sr(self, y: Tensor, grid: Grid, seed: int, dequant: bool) -> Tensor:
+        scale, zero, lo = grid
         if self.compile:
             try:
-                return sr_quantize_compiled(y, scale, zero, self.bits, seed, dequant)
+                return sr_quantize_compiled(y, scale, zero, self.bits, seed, dequant, lo)
             except Exception as err:  # noqa: BLE001 (no compiler, unsupported device: stay correct, eager)
                 warnings.warn(f"{type(self).__name__}: torch.compile failed ({err!r:.200}); running eager")
                 self.compile = False
-        return sr_quantize(y, scale, zero, self.bits, seed, dequant)
+        return sr_quantize(y, scale, zero, self.bits, seed, dequant, lo)
+
+    def _codes(self, x: Tensor, res: SRResult, transform) -> GradCodes:
+        self._record(x, transform)
+        return GradCodes(res.out, res.scale, res.zero, self.bits, x.dtype, transform, res.lo, res.rowsum, res.colsum)
 
     def quantize(self, x: Tensor, seed: int) -> GradCodes:
-        """SR codes of T x on a covering grid, noise from uniform_noise(x.shape, seed)."""
-        y, scale, zero, transform = self._prepare(x)
-        codes = self._sr(y, scale, zero, seed, dequant=False).to(code_dtype(self.bits))
+        """SR codes of T x on the quantizer's grid, noise from uniform_noise(x.shape, seed)."""
+        fast = self._native(_as_matrix(type(self).__name__, x), seed, codes=True)
+        if fast is not None:
+            return self._codes(x, *fast)
+        y, grid, transform = self._prepare(x)
+        codes = self._sr(y, grid, seed, dequant=False).to(code_dtype(self.bits))
         self._record(x, transform)
-        return GradCodes(codes, scale, zero, self.bits, x.dtype, transform)
-
-    def _dequantized(self, y: Tensor, scale: Tensor, zero: Tensor, transform, seed: int) -> Tensor:
-        """T^-1 ((SR codes of y - zero) * scale)."""
-        v = self._sr(y, scale, zero, seed, dequant=True)
-        return v if transform is None else transform.inverse_(v)  # v is this call's own buffer
+        scale, zero, lo = grid
+        return GradCodes(codes, scale, zero, self.bits, x.dtype, transform, lo)
 
     def __call__(self, x: Tensor, seed: int) -> Tensor:
         """quantize(x, seed).dequantize(), fused (same values)."""
-        y, scale, zero, transform = self._prepare(x)
-        v = self._dequantized(y, scale, zero, transform, seed)
+        fast = self._native(_as_matrix(type(self).__name__, x), seed, codes=False)
+        if fast is not None:
+            self._record(x, fast[1])
+            return fast[0].out.to(x.dtype)
+        y, grid, transform = self._prepare(x)
+        v = self._sr(y, grid, seed, dequant=True)
+        v = v if transform is None else transform.inverse_(v)  # v is this call's own buffer
         self._record(x, transform)
         return v.to(x.dtype)
 
@@ -281,62 +201,132 @@ class _SRGradientQuantizer:
         return f"{type(self).__name__}(bits={self.bits}, compile={self.compile})"
 
 
+_KINDS = {None: "tensor", 0: "rows", 1: "cols"}  # keep_dim -> the C SR pass's grid kind
+
+
+def _ranges(xf: Tensor, keep_dims: set) -> dict | None:
+    """keep_dim -> (min, max) along it, for every keep_dim asked, from one C range pass (the whole tensor's
+    from the rows'); None where the kernel cannot run."""
+    got = native_sr.ranges(xf, rows=bool(keep_dims & {0, None}), cols=1 in keep_dims)
+    if got is None:
+        return None
+    rows, cols = got
+    out = {0: rows, 1: cols}
+    if None in keep_dims:
+        out[None] = (rows[0].amin().view(1, 1), rows[1].amax().view(1, 1))
+    return out
+
+
+def quantize_pair(dx_q: _SRGradientQuantizer, dw_q: _SRGradientQuantizer, x: Tensor, seed_dx: int,
+                  seed_dw: int) -> tuple[GradCodes, GradCodes]:
+    """(dx_q.quantize(x, seed_dx), dw_q.quantize(x, seed_dw)) with the same codes, from one range pass and one
+    SR pass over x where the C kernels run and neither quantizer transforms x (the int8 backend's dX and
+    dW codes of one dY); two separate calls otherwise."""
+    qs = (dx_q, dw_q)
+    xf = _as_matrix("quantize_pair", x)
+    if not any(isinstance(q, BlockHouseholder) or q.bits > 8 for q in qs):
+        ranges = _ranges(xf, {q.keep_dim for q in qs})
+        if ranges is not None:
+            res = native_sr.sr_pass(xf, [q._sr_job(ranges, s) for q, s in zip(qs, (seed_dx, seed_dw))])
+            if res is not None:
+                return dx_q._codes(x, res[0], None), dw_q._codes(x, res[1], None)
+    return dx_q.quantize(x, seed_dx), dw_q.quantize(x, seed_dw)
+
+
 class PerTensor(_SRGradientQuantizer):
-    """PTQ: one range for the whole tensor. Var <= N D step^2 / 4."""
+    """PTQ: one zero-aligned range for the whole tensor. Var <= N D step^2 / 4."""
 
     name = "per_tensor"
 
-    def _grid(self, x):
-        return covering_grid(x, self.bits)
+    def _grid_from_range(self, lo, hi):
+        return (*covering_grid_from_range(lo, hi, self.bits), None)
 
 
 class PerSample(_SRGradientQuantizer):
-    """PSQ: one range per row (sample). Var <= D sum_i step_i^2 / 4 <= PTQ's bound."""
+    """PSQ: one range per row (sample). Var <= D sum_i step_i^2 / 4 <= PTQ's bound.
+
+    grid="minmax" (default): each row's plain [min, max], step R_i / B, as the spec's exact formula and
+    the paper; "zero_aligned": the row's range widened to hold 0 on a grid point (exact zeros stay
+    exact), a coarser step for rows of one sign or off-centre (on the spec's fixtures 1.8-1.9x the
+    variance at 2 bits, 4-9% more at 4 bits; README).
+    """
 
     name = "per_sample"
+    keep_dim = 0
 
-    def _grid(self, x):
-        return covering_grid(x, self.bits, keep_dim=0)
+    def __init__(self, bits: int, *, compile: bool = False, grid: str = "minmax"):
+        if grid not in GRAD_GRIDS:
+            raise ValueError(f"quant.grad_grid={grid!r} is unknown: use one of {', '.join(GRAD_GRIDS)}")
+        super().__init__(bits, compile=compile)
+        self.grid = grid
+
+    def _grid_from_range(self, lo, hi):
+        if self.grid == "zero_aligned":
+            return (*covering_grid_from_range(lo, hi, self.bits), None)
+        return span_grid_from_range(lo, hi, self.bits)
+
+    def _native(self, xf, seed, codes):
+        """The min-max grid: each row's range found in the SR pass itself, while the row is in cache."""
+        if self.grid != "minmax" or (codes and self.bits > 8):
+            return super()._native(xf, seed, codes)
+        res = native_sr.sr_pass(xf, [SRJob("row_span", self.bits, seed, codes=codes)])
+        if res is None:
+            return None
+        check_range(res[0].lo, res[0].scale, what="gradient")  # a NaN row leaves lo NaN, an inf one scale inf
+        return res[0], None
+
+    def __repr__(self) -> str:
+        return f"PerSample(bits={self.bits}, compile={self.compile}, grid={self.grid!r})"
 
 
 class PerColumn(_SRGradientQuantizer):
-    """Q_bw for the dW GEMM: one range per column (over the batch); the per-column scales
+    """Q_bw for the dW GEMM: one zero-aligned range per column (over the batch); the per-column scales
     commute with the reduction over the batch in dW = Q(dY)^T X."""
 
     name = "per_column"
+    keep_dim = 1
 
-    def _grid(self, x):
-        return covering_grid(x, self.bits, keep_dim=1)
+    def _grid_from_range(self, lo, hi):
+        return (*covering_grid_from_range(lo, hi, self.bits), None)
 
 
 class BlockHouseholder(_SRGradientQuantizer):
     """BHQ: rows grouped by range, T = H_n diag(s1, s2, ..., s2) per group, then PSQ on T X.
 
-    Ranges are zero-inclusive (max(max_j x, 0) - min(min_j x, 0)), the span the grid covers,
-    so a zero range means an all-zero row. N = 1 gives exactly PSQ.
+    Ranges are the rows' max - min, the span PSQ's min-max grid covers (as the reference code's
+    preconditioner); a zero range means a constant row. N = 1 gives exactly PSQ. The rows of T X get
+    the min-max grid: the reflections mix rows, so no zero-aligned grid could keep exact zeros anyway.
+    With the C kernels: a range pass, the set-up, one pass for T X and its row ranges, and one for the SR
+    and (for values) T^-1, in place.
     """
 
     name = "householder"
+    keep_dim = 0
 
     def _prepare(self, x: Tensor):
         xf = _as_matrix(type(self).__name__, x)
         if xf.numel() == 0:
-            return xf, torch.ones(1, 1, device=xf.device), torch.zeros(1, 1, device=xf.device), None
+            return super()._prepare(x)
         lo, hi = xf.amin(dim=1), xf.amax(dim=1)
-        transform = block_householder_transform(hi.clamp(min=0) - lo.clamp(max=0))
+        check_range(lo, hi, what="gradient")
+        transform = block_householder_transform(hi - lo)
         y = transform.apply(xf)
-        lo, hi = y.amin(dim=1, keepdim=True), y.amax(dim=1, keepdim=True)
-        scale, zero = covering_grid_from_range(lo, hi, self.bits)
-        return y, scale, zero, transform
+        grid = span_grid_from_range(y.amin(dim=1, keepdim=True), y.amax(dim=1, keepdim=True), self.bits)
+        return y, grid, transform
 
-    def _dequantized(self, y: Tensor, scale: Tensor, zero: Tensor, transform, seed: int) -> Tensor:
-        """On CPU the SR pass and T^-1 as one C kernel (the eager path's values); else as the base."""
-        if transform is not None:
-            v = native.sr_inverse(y, scale, zero, self.bits, seed, transform.group, transform.weight,
-                                  transform.coef, transform.row_scale)
-            if v is not None:
-                return v
-        return super()._dequantized(y, scale, zero, transform, seed)
+    def _native(self, xf, seed, codes):
+        got = native_sr.ranges(xf, rows=True, cols=False) if not (codes and self.bits > 8) else None
+        if got is None:
+            return None
+        lo, hi = got[0]
+        check_range(lo, hi, what="gradient")
+        transform = block_householder_transform((hi - lo).view(-1))
+        got = native_bhq.transformed(xf, transform)
+        if got is None:
+            return None
+        y, grid = got[0], span_grid_from_range(*got[1:], self.bits)
+        res = native_bhq.quantize(y, transform, grid, self.bits, seed, codes)
+        return None if res is None else (res, transform)
 
 
 GRADIENT_QUANTIZERS: dict[str, type[_SRGradientQuantizer]] = {
@@ -350,11 +340,20 @@ GRADIENT_QUANTIZERS: dict[str, type[_SRGradientQuantizer]] = {
 }
 
 
-def make_gradient_quantizer(name: str, bits: int, *, compile: bool = False) -> _SRGradientQuantizer:
-    """Build a gradient quantizer by registry name (or alias); compile=True fuses the SR pass."""
+def make_gradient_quantizer(name: str, bits: int, *, compile: bool = False,
+                            grid: str | None = None) -> _SRGradientQuantizer:
+    """Build a gradient quantizer by registry name (or alias); compile=True fuses the SR pass.
+
+    grid: PSQ's grid (GRAD_GRIDS; None = its default, minmax); the other quantizers have one grid each.
+    """
     try:
         cls = GRADIENT_QUANTIZERS[name]
     except (KeyError, TypeError):
         valid = ", ".join(GRADIENT_QUANTIZERS)
         raise ValueError(f"unknown gradient quantizer {name!r}: use one of {valid}") from None
-    return cls(bits, compile=compile)
+    if grid is None:
+        return cls(bits, compile=compile)
+    if cls is not PerSample:
+        raise ValueError(f"quant.grad_grid={grid} applies to per_sample only ({cls.name} has one grid): "
+                         "drop quant.grad_grid or use quant.grad=per_sample")
+    return cls(bits, compile=compile, grid=grid)

@@ -1,9 +1,15 @@
-"""Integer grids: min-max scales with an exact zero, nearest and stochastic rounding.
+"""Integer grids: min-max scales, nearest and stochastic rounding.
 
-Every quantizer in fqtrun maps x to codes on {0..B}, B = 2^bits - 1, through
-code = clamp(round(x / scale) + zero, 0, B) and back through (code - zero) * scale.
-The range always contains 0 and `zero` is an integer, so exact zeros stay exact
-(spec/fqt.md, PTQ), and an all-zero or constant tensor never divides by zero.
+Every quantizer in fqtrun maps x to codes on {0..B}, B = 2^bits - 1, and back to values. Two kinds:
+- zero-aligned (forward quantizers, PTQ, per-column, PSQ's zero_aligned option): the range holds 0 and
+  `zero` is an integer, code = clamp(round(x / scale) + zero, 0, B), value (code - zero) * scale, so
+  exact zeros stay exact (spec/fqt.md, PTQ);
+- span (PSQ, BHQ; spec/fqt.md's exact-variance formula): the plain [min, max] of each row,
+  scale = (max - min) / B, value = code * scale + min; the finest grid the row allows, no exact zero.
+SR takes both in one form: u = (x - lo) / scale + zero, value (code - zero) * scale + lo, with lo = 0
+on zero-aligned grids and zero = 0 on span grids. No grid divides by zero (all-zero or constant input),
+and a range that comes out NaN or inf raises NonFiniteError (numerics.py): the check runs on the
+small range tensors the grid is built from, never as another pass over the input.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from fqtrun.quant.numerics import check_range
 
 Tensor = torch.Tensor
 
@@ -27,15 +35,17 @@ def _reduce_dims(x: Tensor, keep_dim: int | None) -> tuple[int, ...]:
     return tuple(d for d in range(x.dim()) if d != keep_dim)
 
 
-def minmax_grid(x: Tensor, bits: int, keep_dim: int | None = None) -> tuple[Tensor, Tensor]:
+def minmax_grid(x: Tensor, bits: int, keep_dim: int | None = None, what: str = "input") -> tuple[Tensor, Tensor]:
     """Scale and integer zero point of the min-max grid over x.
 
     keep_dim=None: one range for the tensor; keep_dim=d: one range per index of dim d.
-    Returns (scale, zero), both broadcastable against x; scale > 0 always.
+    Returns (scale, zero), both broadcastable against x; scale > 0 always. NonFiniteError (naming
+    `what`) when x holds NaN or inf.
     """
     dims = _reduce_dims(x, keep_dim)
-    lo = x.detach().amin(dim=dims, keepdim=True).clamp(max=0)
-    hi = x.detach().amax(dim=dims, keepdim=True).clamp(min=0)
+    lo, hi = x.detach().amin(dim=dims, keepdim=True), x.detach().amax(dim=dims, keepdim=True)
+    check_range(lo, hi, what=what)
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     span = hi - lo
     scale = torch.where(span > 0, span / levels(bits), torch.ones_like(span))
     zero = torch.round(-lo / scale).clamp(0, levels(bits))
@@ -136,7 +146,19 @@ def stochastic_round(u: Tensor, noise: Tensor) -> Tensor:
     return f + (noise < (u - f)).to(u.dtype)
 
 
-def covering_grid(x: Tensor, bits: int, keep_dim: int | None = None) -> tuple[Tensor, Tensor]:
+def value_range(x: Tensor, keep_dim: int | None) -> tuple[Tensor, Tensor]:
+    """float32 (min, max) of x, over the whole tensor or per index of keep_dim, broadcastable against x."""
+    xf = x.detach().float()
+    if keep_dim is None:
+        lo, hi = torch.aminmax(xf)
+        return lo.view([1] * xf.dim()), hi.view([1] * xf.dim())
+    # amin + amax: aminmax(dim=...) was far slower on small CPU tensors (torch 2.14)
+    dims = _reduce_dims(x, keep_dim)
+    return xf.amin(dim=dims, keepdim=True), xf.amax(dim=dims, keepdim=True)
+
+
+def covering_grid(x: Tensor, bits: int, keep_dim: int | None = None,
+                  what: str = "gradient") -> tuple[Tensor, Tensor]:
     """Float32 (scale, zero) for SR: integer zero, and [min, max] inside [0, B] after mapping.
 
     minmax_grid rounds the zero point and can leave an end of the range off the grid, and
@@ -147,18 +169,10 @@ def covering_grid(x: Tensor, bits: int, keep_dim: int | None = None) -> tuple[Te
         raise ValueError(
             f"covering_grid bits={bits} must be >= 2: a 1-bit grid with 0 on it cannot be unbiased"
         )
-    xf = x.detach().float()
-    if keep_dim is None:
-        lo, hi = torch.aminmax(xf)
-        lo, hi = lo.view([1] * xf.dim()), hi.view([1] * xf.dim())
-    else:
-        # amin + amax: aminmax(dim=...) was far slower on small CPU tensors (torch 2.14)
-        dims = _reduce_dims(x, keep_dim)
-        lo, hi = xf.amin(dim=dims, keepdim=True), xf.amax(dim=dims, keepdim=True)
-    return covering_grid_from_range(lo, hi, bits)
+    return covering_grid_from_range(*value_range(x, keep_dim), bits, what=what)
 
 
-def covering_grid_from_range(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+def covering_grid_from_range(lo: Tensor, hi: Tensor, bits: int, what: str = "gradient") -> tuple[Tensor, Tensor]:
     """The smallest-step grid with an integer zero that holds [min(lo, 0), max(hi, 0)].
 
     step(z) = max(-lo / z, hi / (B - z)) covers the range for an integer zero z; data of both
@@ -167,7 +181,9 @@ def covering_grid_from_range(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor,
     Because step(z) only grows with the range for every z, a sub-range (a row) never gets a
     coarser grid than the whole (so PSQ's bound <= PTQ's holds with real steps).
     All-zero ranges get scale 1; scales never fall below the smallest normal float32.
+    NonFiniteError (naming `what`) when lo or hi holds NaN or inf.
     """
+    check_range(lo, hi, what=what)
     big = float(levels(bits))
     lo = lo.float().clamp(max=0)
     hi = hi.float().clamp(min=0)
@@ -186,9 +202,36 @@ def covering_grid_from_range(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor,
     zero = torch.where(both, zero, torch.where(lo < 0, torch.full_like(lo, big), torch.zeros_like(lo)))
     one_sided = torch.maximum(-lo, hi) / big
     scale = torch.where(both, scale, one_sided)
+    return _positive(scale), zero
+
+
+def _positive(scale: Tensor) -> Tensor:
+    """scale with zeros (an all-zero or constant range) set to 1 and the rest kept >= the smallest normal."""
     tiny = torch.finfo(torch.float32).tiny
-    scale = torch.where(scale > 0, scale.clamp(min=tiny), torch.ones_like(scale))
-    return scale, zero
+    return torch.where(scale > 0, scale.clamp(min=tiny), torch.ones_like(scale))
+
+
+def span_grid(x: Tensor, bits: int, keep_dim: int | None = None,
+              what: str = "gradient") -> tuple[Tensor, Tensor, Tensor]:
+    """Float32 (scale, zero, lo) of the span grid of x (module docstring), per keep_dim as in minmax_grid."""
+    return span_grid_from_range(*value_range(x, keep_dim), bits, what=what)
+
+
+def span_grid_from_range(lo: Tensor, hi: Tensor, bits: int,
+                         what: str = "gradient") -> tuple[Tensor, Tensor, Tensor]:
+    """(scale, zero, lo): scale = (hi - lo) / B, zero = 0, code 0 at lo (spec/fqt.md, exact variance).
+
+    The finest uniform grid of B + 1 levels that holds the row, so SR's error sum_j p_j (1 - p_j) scale^2
+    stays within D (hi - lo)^2 / (4 B^2) (spec/fqt.md, PSQ's bound). A constant row (hi = lo, all-zero included)
+    gets scale 1, so its codes are 0 and its values lo exactly; scales never fall below the
+    smallest normal float32; the span itself must fit float32 (|values| below about 1.7e38), or the
+    values near hi overflow. NonFiniteError (naming `what`) when lo or hi holds NaN or inf.
+    """
+    check_range(lo, hi, what=what)
+    lo, hi = lo.float(), hi.float()
+    # halves avoid overflow of hi - lo near the float32 limit (same value as (hi - lo) / B otherwise)
+    scale = _positive((hi * 0.5 - lo * 0.5) / float(levels(bits)) * 2.0)
+    return scale, torch.zeros_like(scale), lo
 
 
 # elements per eager SR block on CPU: every temporary of a block (about 40 bytes per element)
@@ -197,13 +240,15 @@ _CPU_BLOCK = 1 << 15
 
 
 def sr_quantize(
-    x: Tensor, scale: Tensor, zero: Tensor, bits: int, seed: int, dequant: bool = False
+    x: Tensor, scale: Tensor, zero: Tensor, bits: int, seed: int, dequant: bool = False,
+    lo: Tensor | None = None,
 ) -> Tensor:
-    """Stochastic rounding of x onto the grid (scale, zero): float32 codes in 0..B.
+    """Stochastic rounding of x onto the grid (scale, zero, lo): float32 codes in 0..B.
 
-    dequant=True returns (codes - zero) * scale instead, fused (same values as
-    dequantize(codes, scale, zero)). Noise is uniform_noise(x.shape, seed). Eager torch, in
-    blocks of rows on CPU (one block elsewhere); scale and zero broadcast against x.
+    u = (x - lo) * (1 / scale) + zero (one fused multiply-add; lo None = 0, a zero-aligned grid),
+    code = SR(clamp(u, 0, B)). dequant=True returns (codes - zero) * scale + lo instead, fused (same
+    values as dequantizing the codes). Noise is uniform_noise(x.shape, seed). Eager torch, in blocks
+    of rows on CPU (one block elsewhere); scale, zero and lo broadcast against x.
     """
     big = float(levels(bits))
     k1, k2 = seed_keys(seed)
@@ -223,19 +268,23 @@ def sr_quantize(
 
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
-        o, zr = out[r0:r1], rows(zero, r0, r1)
-        u = torch.addcmul(zr, rows(xf, r0, r1), rows(inv, r0, r1)).expand_as(o)
-        u = u.clamp(0.0, big)  # only float rounding can step past the ends of a covering grid
+        o, zr, xr = out[r0:r1], rows(zero, r0, r1), rows(xf, r0, r1)
+        if lo is not None:
+            xr = xr - rows(lo, r0, r1)
+        u = torch.addcmul(zr, xr, rows(inv, r0, r1)).expand_as(o)
+        u = u.clamp(0.0, big)  # only float rounding can step past the ends of the grid
         torch.floor(u, out=o)
         frac = u.sub_(o)
         noise = _noise_range(r0 * per_row, r1 * per_row, k1, k2, x.device).view(o.shape)
         o.add_(noise < frac)
         if dequant:
             o.sub_(zr).mul_(rows(scale, r0, r1))
+            if lo is not None:
+                o.add_(rows(lo, r0, r1))
     return out.view(x.shape) if x.dim() == 0 else out
 
 
-def _sr_codes_fused(x: Tensor, inv_scale: Tensor, zero: Tensor, keys: Tensor, big: Tensor) -> Tensor:
+def _sr_codes_fused(x: Tensor, inv_scale: Tensor, zero: Tensor, lo: Tensor, keys: Tensor, big: Tensor) -> Tensor:
     """sr_quantize's codes written out of place, for torch.compile to fuse into one pass over x."""
     h = torch.arange(x.numel(), dtype=torch.int64, device=x.device).view(x.shape) ^ keys[0]
     h = h ^ (h >> 16)
@@ -244,16 +293,16 @@ def _sr_codes_fused(x: Tensor, inv_scale: Tensor, zero: Tensor, keys: Tensor, bi
     h = (h * 0x846CA68B) & _M32
     h = h ^ (h >> 16)
     noise = ((h ^ keys[1]) >> 8).to(torch.float32) * (2.0**-24)
-    u = torch.minimum((x * inv_scale + zero).clamp(min=0.0), big)
+    u = torch.minimum(((x - lo) * inv_scale + zero).clamp(min=0.0), big)
     f = torch.floor(u)
     return f + (noise < (u - f)).to(torch.float32)
 
 
 def _sr_dequant_fused(
-    x: Tensor, inv_scale: Tensor, zero: Tensor, scale: Tensor, keys: Tensor, big: Tensor
+    x: Tensor, inv_scale: Tensor, zero: Tensor, lo: Tensor, scale: Tensor, keys: Tensor, big: Tensor
 ) -> Tensor:
-    """(codes - zero) * scale of _sr_codes_fused, in the same fused pass."""
-    return (_sr_codes_fused(x, inv_scale, zero, keys, big) - zero) * scale
+    """(codes - zero) * scale + lo of _sr_codes_fused, in the same fused pass."""
+    return (_sr_codes_fused(x, inv_scale, zero, lo, keys, big) - zero) * scale + lo
 
 
 @functools.cache
@@ -264,7 +313,8 @@ def _compiled_sr(dequant: bool):
 
 
 def sr_quantize_compiled(
-    x: Tensor, scale: Tensor, zero: Tensor, bits: int, seed: int, dequant: bool = False
+    x: Tensor, scale: Tensor, zero: Tensor, bits: int, seed: int, dequant: bool = False,
+    lo: Tensor | None = None,
 ) -> Tensor:
     """sr_quantize through torch.compile (one fused pass; first call per shape kind compiles,
     ~10-30 s on a 2-core CPU). Same noise; float rounding of x / scale may differ in rare
@@ -279,6 +329,7 @@ def sr_quantize_compiled(
     big = torch.tensor(float(levels(bits)), device=x.device)
     with torch.no_grad():
         xf, inv = x.float(), torch.reciprocal(scale)
+        lo = torch.zeros_like(zero) if lo is None else lo  # x - 0 is x: a zero-aligned grid's values stand
         if dequant:
-            return _compiled_sr(True)(xf, inv, zero, scale, keys, big)
-        return _compiled_sr(False)(xf, inv, zero, keys, big)
+            return _compiled_sr(True)(xf, inv, zero, lo, scale, keys, big)
+        return _compiled_sr(False)(xf, inv, zero, lo, keys, big)

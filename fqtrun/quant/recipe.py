@@ -18,7 +18,7 @@ from torch import nn
 
 from fqtrun.quant import backends
 from fqtrun.quant.bits import check_bits
-from fqtrun.quant.gradient import make_gradient_quantizer
+from fqtrun.quant.gradient import GRAD_GRIDS, GRADIENT_QUANTIZERS, PerSample, make_gradient_quantizer
 from fqtrun.quant.quantizers import RIDGE_FORMS, MinMaxQuantizer, RidgeQuantizer
 
 DW_QUANTIZERS = ("per_tensor", "per_column")
@@ -31,6 +31,9 @@ class QuantConfig:
     name: str = "qat"  # label shown in summaries and reports
     grad: Optional[str] = None  # None (QAT) | per_tensor | per_sample | householder (ptq, psq, bhq)
     grad_dw: str = "per_column"  # quantizer of dY in the weight-gradient GEMM
+    # PSQ's row grid: minmax = each row's [min, max] (the spec's and the paper's); zero_aligned = widened to
+    # hold 0 on a grid point (exact zeros stay exact, more variance); per_sample only
+    grad_grid: str = "minmax"
     bits_w: int = II("bits")
     bits_a: int = II("bits")
     bits_dx: int = II("bits")
@@ -80,6 +83,16 @@ def validate(cfg: QuantConfig) -> None:
             raise ValueError(f"quant.grad_dw={cfg.grad_dw!r} is unknown: use one of {', '.join(DW_QUANTIZERS)}")
         _grad_quantizer(cfg.grad, cfg.bits_dx, "quant.bits_dx")
         _grad_quantizer(cfg.grad_dw, cfg.bits_dw, "quant.bits_dw")
+    validate_grad_grid(cfg)
+
+
+def validate_grad_grid(cfg: QuantConfig) -> None:
+    """quant.grad_grid: a known grid, and zero_aligned only where it changes something (PSQ)."""
+    if cfg.grad_grid not in GRAD_GRIDS:
+        raise ValueError(f"quant.grad_grid={cfg.grad_grid!r} is unknown: use one of {', '.join(GRAD_GRIDS)}")
+    if cfg.grad_grid != "minmax" and GRADIENT_QUANTIZERS.get(cfg.grad) is not PerSample:
+        raise ValueError(f"quant.grad_grid={cfg.grad_grid} applies to quant.grad=per_sample only (quant.grad="
+                         f"{cfg.grad} has one grid): drop quant.grad_grid or use quant.grad=per_sample")
 
 
 def validate_backend(cfg: QuantConfig) -> None:
@@ -116,7 +129,8 @@ def slot_factory(cfg: QuantConfig):
         if cfg.grad is None:
             return None
         if slot == "dx":
-            return make_gradient_quantizer(cfg.grad, cfg.bits_dx, compile=cfg.compile)
+            grid = cfg.grad_grid if GRADIENT_QUANTIZERS[cfg.grad] is PerSample else None
+            return make_gradient_quantizer(cfg.grad, cfg.bits_dx, compile=cfg.compile, grid=grid)
         return make_gradient_quantizer(cfg.grad_dw, cfg.bits_dw, compile=cfg.compile)
 
     return make

@@ -15,7 +15,8 @@ Grids (the codes; the fit re-learns scale and offset, so the grid only has to sp
     "ternary"         : codes -1, 0, 1, f = x / s_f, s_f = 1.4 mean|x| (|x| < 0.7 mean|x| -> 0), both forms
     bits = 1          : codes +-1 = sign(f), sign(0) = +1; linear f = x / mean|x|,
                         affine f = (x - mean x) / mean|x - mean x|; no zero level, so no mask
-An all-zero block gets s_f = 1 (no division by zero).
+An all-zero block gets s_f = 1 (no division by zero); a NaN or inf in a block makes its range statistic
+non-finite, and that raises NonFiniteError (quant/numerics.py) instead of fitting a meaningless grid.
 Sparsity: x_s = x + stop_grad(mask * x - x) is quantized and y is fit against the dense x (spec A).
 Masked entries get the zero level (z affine, 0 otherwise); only the linear form maps it back to exactly 0.
 A constant q with lam = 0 makes the denominator 0: then s = 0, i.e. y = mean x (affine, the
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from fqtrun.quant.bits import check_bits
+from fqtrun.quant.numerics import check_range
 
 Tensor = torch.Tensor
 Bits = int | str  # 1..8 or "ternary"
@@ -96,15 +98,19 @@ def scaled_input(rows: Tensor, bits: Bits, form: str, weight: Tensor | None = No
         centre = _mean(rows, weight) if form == "affine" else torch.zeros_like(rows[..., :1])
         dev = rows - centre
         s_f = _mean(dev.abs(), weight)
+        check_range(s_f.detach())
         return dev / torch.where(s_f > 0, s_f, one)
     if bits == "ternary":
         s_f = TERNARY_SCALE * _mean(rows.abs(), weight)
+        check_range(s_f.detach())
         return rows / torch.where(s_f > 0, s_f, one)
     if form == "linear":
         s_f = rows.abs().amax(-1, keepdim=True) / ((1 << (bits - 1)) - 1)
+        check_range(s_f.detach())
         return rows / torch.where(s_f > 0, s_f, one)
     lo = rows.amin(-1, keepdim=True).clamp(max=0)  # padding zeros are inside [lo, hi] anyway
     hi = rows.amax(-1, keepdim=True).clamp(min=0)
+    check_range(lo.detach(), hi.detach())
     span = hi - lo
     s_f = torch.where(span > 0, span / ((1 << bits) - 1), one)
     zero = torch.round(-lo / s_f).detach()  # integer zero point: x = 0 lands exactly on a code

@@ -14,10 +14,11 @@ def steps(model: str) -> dict:
         "torchao int8 mixed precision": {"status": "not installed"}}}
 
 
-RESULT = {"load_before": [0.5, 0, 0], "load_after": [0.75, 0, 0], "runs": [{
+RESULT = {"load_before": [0.5, 0, 0], "load_after": [0.75, 0, 0], "cpu_capability": "AVX2", "int8_gemm": "fp32",
+          "runs": [{
     "threads": 2, "load": [0.6, 0, 0],
     "quantizers": {"clone": {"x_clone": 1.0, "median_ms": 1.0},
-                   "householder SR eager": {"x_clone": 8.0, "median_ms": 8.0, "x_psq": 1.25}},
+                   "householder SR": {"x_clone": 8.0, "median_ms": 8.0, "x_psq": 1.25}},
     "linear": steps("mlp"), "cnn": steps("cnn1d"),
     "masks": {"size": 4096, "rows": {"clone() (floor)": {"median_ms": 16.0, "x_clone": 1.0, "target_ms": None},
                                      "transposable 2:4, exact": {"median_ms": 60.8, "x_clone": 3.8, "target_ms": 100.0},
@@ -38,4 +39,4 @@ def test_one_quantizer_table_one_step_table_per_model_and_one_mask_table_per_thr
 
 
 def test_load_line():
-    assert load_line(RESULT) == "load average before/after: 0.50 / 0.75"
+    assert load_line(RESULT) == "load average before/after: 0.50 / 0.75; CPU AVX2, int8 GEMMs via fp32"

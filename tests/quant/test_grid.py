@@ -16,6 +16,8 @@ from fqtrun.quant.grid import (
     minmax_grid,
     mix_seed,
     quantize_nearest,
+    span_grid,
+    span_grid_from_range,
     sr_quantize,
     stochastic_round,
     uniform_noise,
@@ -202,6 +204,35 @@ def test_sr_quantize_blocks_agree_with_whole_tensor_reference(keep):
     codes = sr_quantize(x, scale, zero, 4, seed=3)
     ref = stochastic_round((x * torch.reciprocal(scale) + zero).clamp(0, 15), uniform_noise(x.shape, 3))
     assert torch.equal(codes, ref)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_span_grid_is_the_rows_min_max(bits):
+    # reference: the spec's per-row grid step (max - min) / B, code 0 at min, in float64
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(40, 33, generator=g) * torch.exp(torch.randn(40, 1, generator=g)) + 3 * torch.randn(40, 1)
+    scale, zero, lo = span_grid(x, bits, keep_dim=0)
+    xd = x.double()
+    step = (xd.amax(1, keepdim=True) - xd.amin(1, keepdim=True)) / levels(bits)
+    assert torch.allclose(scale.double(), step, rtol=1e-6) and torch.equal(lo, x.amin(1, keepdim=True))
+    assert torch.all(zero == 0)
+    codes = sr_quantize(x, scale, zero, bits, seed=2, lo=lo)
+    assert codes.min() >= 0 and codes.max() <= levels(bits)
+    assert torch.all(codes.amin(1) == 0)  # each row's min sits on code 0 exactly
+    values = sr_quantize(x, scale, zero, bits, seed=2, dequant=True, lo=lo)
+    assert torch.equal(values, codes * scale + lo)  # the fused dequantization: value = code * scale + lo
+    assert torch.all((values - x).abs() <= scale * (1 + 1e-5))  # SR moves a value less than one step
+
+
+def test_span_grid_edge_rows():
+    # the span of a row must fit float32 (a row holding +-3e38 would overflow value = code * scale + lo)
+    x = torch.tensor([[0.0, 0.0], [2.5, 2.5], [-7.0, -7.0], [1.5e38, -1.5e38], [1e30, 1e30], [1e-41, -1e-41]])
+    scale, zero, lo = span_grid_from_range(x.amin(1, keepdim=True), x.amax(1, keepdim=True), 4)
+    assert torch.all(torch.isfinite(scale)) and torch.all(scale > 0)
+    assert torch.all(torch.isfinite(torch.reciprocal(scale)))
+    assert scale[:3].flatten().tolist() == [1.0, 1.0, 1.0]  # constant rows: scale 1, codes 0, value lo
+    y = sr_quantize(x, scale, zero, 4, seed=5, dequant=True, lo=lo)
+    assert torch.all(torch.isfinite(y)) and torch.equal(y[:3], x[:3]) and torch.equal(y[4], x[4])
 
 
 def test_minmax_grid_nearest_round_trip():

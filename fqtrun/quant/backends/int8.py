@@ -1,7 +1,8 @@
 """The int8 and auto backends: the quantized layers' three GEMMs on integer codes (spec/performance.md).
 
 int8      the forward GEMM Y = X W^T, the input-gradient GEMM dX = Q(dY) W and the weight-gradient
-          GEMM dW = Q(dY)^T X run as torch._int_mm on the integer codes (int8 in, int32 accumulation),
+          GEMM dW = Q(dY)^T X run as exact int8 GEMMs on the integer codes (int8 in, int32 accumulation;
+          torch._int_mm or, on CPUs without fast int8 kernels, exact float32 chunks: int_gemm.py),
           scales applied outside. Convolutions run as the same GEMMs on im2col columns built from
           the int8 codes (and folded back per tap) when groups == 1 and the GEMM is big enough to
           win (MIN_CONV_GEMM), simulate otherwise. A GEMM whose operands are not both on an affine
@@ -13,9 +14,14 @@ Zero points (the choice made here): the min-max and covering grids are asymmetri
 0..B with an integer zero z, and c - z spans up to -255..255 at 8 bits. The int8 operand is
 q = c - 128 (always in -128..127) with alpha = 128 - z, so c - z = q + alpha, and
     (qa + alpha_a)(qb + alpha_b) = qa qb + alpha_a colsum(qb) + rowsum(qa) alpha_b + K alpha_a alpha_b,
-the exact integer GEMM of (c - z), in int32 (K <= MAX_K). With the scales applied outside, the
-outputs equal the simulate backend's whenever fp32 holds the simulate products exactly (integer
-sums below 2^24, power-of-two scales); otherwise they differ by fp32 rounding only. BHQ's
+the exact integer GEMM of (c - z), in int32 (K <= MAX_K). PSQ's and BHQ's span grids put code 0
+at each row's minimum lo instead (value c * s + lo, zero 0): the left operand of the dX GEMM then
+carries an offset, and
+    Q(dY) W = diag(s) (C W) + lo colsum(W)
+is the same exact integer GEMM on the codes plus a rank-1 term from W's column sums (already in
+the zero-point correction). With the scales applied outside, the outputs equal the simulate
+backend's whenever fp32 holds the simulate products exactly (integer sums below 2^24,
+power-of-two scales, offsets on the grid); otherwise they differ by fp32 rounding only. BHQ's
 transform stays outside the GEMM: T^-1 is applied to the dX GEMM's output (it acts on rows).
 """
 
@@ -27,7 +33,9 @@ import torch
 
 from fqtrun.quant import fused, grid
 from fqtrun.quant.backends.base import Backend, RunRecord
+from fqtrun.quant.backends.int_gemm import gemm_input, int8_gemm
 from fqtrun.quant.backends.simulate import Simulate
+from fqtrun.quant.gradient import quantize_pair
 from fqtrun.quant.quantizers import MinMaxQuantizer
 
 Tensor = torch.Tensor
@@ -44,43 +52,62 @@ _SIMULATE = Simulate()  # runs the layers that int8 and auto refuse
 
 @dataclass
 class IntOperand:
-    """A quantized matrix (R, C): value = (q + alpha) * scale, q int8 = code - 128, alpha = 128 - zero.
+    """A quantized matrix (R, C): value = (q + alpha) * scale + offset, q int8 = code - 128,
+    alpha = 128 - zero, offset the value of code 0 on a span grid (None: 0).
 
-    alpha (int32) and scale (float32) are (R, 1), (1, C) or (1, 1): constant along one dim at least.
+    alpha (int32), scale and offset (float32) are (R, 1), (1, C) or (1, 1): constant along one dim at least.
     """
 
     q: Tensor
     alpha: Tensor
     scale: Tensor
+    offset: Tensor | None = None
+    rowsum: Tensor | None = None  # (R, 1) int32 sums of q over each row, when its quantizer made them
+    colsum: Tensor | None = None  # (1, C) over each column
+    gemm_q: Tensor | None = None  # q as the GEMM engine reads it, made once for an operand of two GEMMs (None: q)
 
     def t(self) -> IntOperand:
-        return IntOperand(self.q.t(), self.alpha.t(), self.scale.t())
+        tr = lambda v: None if v is None else v.t()
+        return IntOperand(self.q.t(), self.alpha.t(), self.scale.t(), tr(self.offset), tr(self.colsum), tr(self.rowsum),
+                          tr(self.gemm_q))
+
+    def for_two_gemms(self) -> IntOperand:
+        """This operand with q converted once for the GEMM engine (int_gemm.gemm_input), for the two GEMMs
+        that read it (a layer's weights: forward and dX; its input: forward and dW)."""
+        self.gemm_q = gemm_input(self.q)
+        return self
 
     def dequantize(self) -> Tensor:
-        """(code - zero) * scale in float32, the simulate backend's operand."""
-        return (self.q.float() + self.alpha) * self.scale
+        """(code - zero) * scale + offset in float32, the simulate backend's operand."""
+        v = (self.q.float() + self.alpha) * self.scale
+        return v if self.offset is None else v.add_(self.offset)
 
 
 def _alpha(zero: Tensor) -> Tensor:
     return (fused.OFFSET - zero).to(torch.int32)
 
 
-def int_matmul(a: IntOperand, b: IntOperand, compile: bool = False) -> Tensor:
-    """float32 (M, N) = a @ b via one int8 GEMM with int32 accumulation plus zero-point corrections.
+def int_matmul(a: IntOperand, b: IntOperand, compile: bool = False, bias: Tensor | None = None) -> Tensor:
+    """float32 (M, N) = a @ b (+ bias) via one int8 GEMM with int32 accumulation plus zero-point corrections.
 
-    a's alpha/scale must be constant along K (shape (M, 1) or (1, 1)), b's along K too ((1, N) or (1, 1)).
-    compile=True fuses the corrections and scales into one pass over the output (fused.int_gemm_epilogue).
+    a's alpha/scale/offset must be constant along K (shape (M, 1) or (1, 1)), b's along K too ((1, N) or
+    (1, 1)); only a may carry an offset (its rank-1 term uses b's column sums). The row sums of a and the
+    column sums of b come with the operands when their quantizer made them, else from int8 GEMMs against
+    ones. The corrections, scales and bias run as one pass over the output (fused.int_gemm_epilogue).
     """
     k = a.q.shape[1]
     if a.alpha.shape[-1] != 1 or b.alpha.shape[0] != 1:
         raise ValueError("int_matmul: the scales of an operand vary along the reduction: use the fp32 path")
-    acc = torch._int_mm(a.q, b.q)  # (M, N) int32, exact
-    # row/column sums as int8 GEMMs against ones: ~30x faster than .sum(dtype=int32) on CPU
-    ones = torch.ones(8, k, dtype=torch.int8, device=a.q.device)
-    row_a = torch._int_mm(a.q, ones.t())[:, :1]  # (M, 1)
-    col_b = torch._int_mm(ones, b.q)[:1]  # (1, N)
-    # + alpha_a (colsum(qb) + K alpha_b) + rowsum(qa) alpha_b, then the scales
-    return fused.int_gemm_epilogue(acc, a.alpha, col_b + k * b.alpha, row_a, b.alpha, a.scale, b.scale, compile)
+    if b.offset is not None:
+        raise ValueError("int_matmul: only the left operand may carry an offset (a span grid): use the fp32 path")
+    acc = int8_gemm(a.q if a.gemm_q is None else a.gemm_q, b.q if b.gemm_q is None else b.gemm_q)  # int32, exact
+    # row/column sums the quantizers did not make, as GEMMs against ones (~30x faster than .sum(dtype=int32))
+    ones = torch.ones(8, k, dtype=torch.int8, device=a.q.device) if a.rowsum is None or b.colsum is None else None
+    row_a = int8_gemm(a.q, ones.t())[:, :1] if a.rowsum is None else a.rowsum  # (M, 1)
+    col_b = int8_gemm(ones, b.q)[:1] if b.colsum is None else b.colsum  # (1, N)
+    # + alpha_a (colsum(qb) + K alpha_b) + rowsum(qa) alpha_b, then the scales, offset_a colsum(b), bias
+    return fused.int_gemm_epilogue(acc, a.alpha, col_b + k * b.alpha, row_a, b.alpha, a.scale, b.scale,
+                                   a.offset, bias, compile)
 
 
 def _int_gemm_ok(a: IntOperand, b: IntOperand) -> str | None:
@@ -89,6 +116,8 @@ def _int_gemm_ok(a: IntOperand, b: IntOperand) -> str | None:
         return "int8 GEMM is wired for CPU only"  # GPU backends: not in this build
     if a.q.shape[1] > MAX_K:
         return f"reduction {a.q.shape[1]} > {MAX_K} could overflow int32"
+    if b.offset is not None:
+        return "right operand on a span grid"
     if a.alpha.shape[-1] != 1:
         return "left scales vary along the reduction"
     if b.alpha.shape[0] != 1:
@@ -96,13 +125,15 @@ def _int_gemm_ok(a: IntOperand, b: IntOperand) -> str | None:
     return None
 
 
-def matmul(a: IntOperand, b: IntOperand, note: dict, gemm: str, compile: bool = False) -> Tensor:
-    """a @ b as an int8 GEMM when possible, else fp32 on the dequantized values; records which in note."""
+def matmul(a: IntOperand, b: IntOperand, note: dict, gemm: str, compile: bool = False,
+           bias: Tensor | None = None) -> Tensor:
+    """a @ b (+ bias) as an int8 GEMM when possible, else fp32 on the dequantized values; records which in note."""
     why = _int_gemm_ok(a, b)
     note[gemm] = "int8" if why is None else f"fp32 ({why})"
     if why is None:
-        return int_matmul(a, b, compile)
-    return a.dequantize() @ b.dequantize()
+        return int_matmul(a, b, compile, bias)
+    out = a.dequantize() @ b.dequantize()
+    return out if bias is None else out.add_(bias)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,14 +151,16 @@ def _int8_slot(q) -> str | None:
     return None
 
 
-def forward_operand(q: MinMaxQuantizer, x2: Tensor, per_row: bool, compile: bool) -> IntOperand:
+def forward_operand(q: MinMaxQuantizer, x2: Tensor, per_row: bool, compile: bool,
+                    what: str = "weight") -> IntOperand:
     """int8 operand of a 2-D forward tensor with the same codes as q.codes(x2).
 
-    per_row=True: one grid per row (weights per output channel); else one per tensor.
+    per_row=True: one grid per row (weights per output channel); else one per tensor. NonFiniteError
+    (naming `what`) when x2 holds NaN or inf.
     """
-    scale, zero = grid.minmax_grid(x2, q.bits, keep_dim=0 if per_row else None)
-    codes = fused.nearest_int8(x2, scale, zero, q.bits, compile=compile)
-    return IntOperand(codes, _alpha(zero), scale.float())
+    scale, zero = grid.minmax_grid(x2, q.bits, keep_dim=0 if per_row else None, what=what)
+    c = fused.nearest_int8(x2, scale, zero, q.bits, compile=compile)
+    return IntOperand(c.q, _alpha(zero), scale.float(), rowsum=c.rowsum, colsum=c.colsum)
 
 
 def grad_operand(gc) -> IntOperand | None:
@@ -135,7 +168,7 @@ def grad_operand(gc) -> IntOperand | None:
     if gc.codes.dtype != torch.uint8:
         return None
     q = torch.bitwise_xor(gc.codes, fused.OFFSET).view(torch.int8)  # c ^ 0x80 read as int8 = c - 128
-    return IntOperand(q, _alpha(gc.zero), gc.scale.float())
+    return IntOperand(q, _alpha(gc.zero), gc.scale.float(), gc.lo, gc.rowsum, gc.colsum)
 
 
 def fp_operand(t: Tensor) -> IntOperand:
@@ -152,17 +185,22 @@ class _FpOperand(IntOperand):
         return self.q
 
 
-def _grad_matrix(layer, record: RunRecord, slot: str, g2: Tensor,
-                 need_row_grid: bool) -> tuple[IntOperand, object | None, str | None]:
-    """(operand of Q(g2), BHQ transform or None, why not int8 or None) for a backward GEMM.
+def _grad_codes(layer, record: RunRecord, g2: Tensor, slots: tuple[str, ...]) -> dict:
+    """slot -> the gradient codes of g2 for each of `slots` (None for a full-precision slot): the codes
+    simulate.quantize_grad dequantizes (same quantizer, same seed). dX and dW codes of the same g2 come
+    from one range pass and one SR pass where the quantizers allow (gradient.quantize_pair)."""
+    qs = {s: record.use(s, layer.slots[s]) for s in slots}
+    if len(slots) == 2 and all(q is not None for q in qs.values()):
+        dx, dw = quantize_pair(qs["dx"], qs["dw"], g2, layer.grad_seed("dx"), layer.grad_seed("dw"))
+        return {"dx": dx, "dw": dw}
+    return {s: None if q is None else q.quantize(g2, layer.grad_seed(s)) for s, q in qs.items()}
 
-    The codes are the ones simulate.quantize_grad dequantizes (same quantizer, same seed);
-    None slot -> fp32 g2.
-    """
-    q = record.use(slot, layer.slots[slot])
-    if q is None:
+
+def _grad_matrix(gc, g2: Tensor, need_row_grid: bool) -> tuple[IntOperand, object | None, str | None]:
+    """(operand of Q(g2), BHQ transform or None, why not int8 or None) for a backward GEMM, from the codes
+    gc of g2 (None: a full-precision slot, fp32 g2)."""
+    if gc is None:
         return fp_operand(g2), None, "dY full precision"
-    gc = q.quantize(g2, layer.grad_seed(slot))
     op = grad_operand(gc)
     if op is None:
         return fp_operand(gc.dequantize().float()), None, f"{gc.bits} bits > {INT8_MAX_BITS}"
@@ -174,10 +212,9 @@ def _grad_matrix(layer, record: RunRecord, slot: str, g2: Tensor,
     return op, gc.transform, None
 
 
-def _backward_gemm(layer, record: RunRecord, slot: str, g2: Tensor, other: IntOperand,
-                   compile: bool) -> Tensor:
-    """dX = Q(g2) @ other (slot dx) or dW = Q(g2)^T @ other (slot dw), int8 where possible."""
-    op, transform, why = _grad_matrix(layer, record, slot, g2, need_row_grid=(slot == "dx"))
+def _backward_gemm(record: RunRecord, slot: str, gc, g2: Tensor, other: IntOperand, compile: bool) -> Tensor:
+    """dX = Q(g2) @ other (slot dx) or dW = Q(g2)^T @ other (slot dw), int8 where possible; gc: Q(g2)'s codes."""
+    op, transform, why = _grad_matrix(gc, g2, need_row_grid=(slot == "dx"))
     left = op if slot == "dx" else op.t()
     if why is not None:
         record.gemms[slot] = f"fp32 ({why})"
@@ -264,9 +301,9 @@ def _conv_refusal(layer) -> str | None:
 def _activation_operand(layer, record: RunRecord, x: Tensor, compile: bool) -> IntOperand:
     """Slot a's per-tensor operand of x (any shape: the codes keep it)."""
     qa = record.use("a", layer.slots["a"])
-    scale, zero = grid.minmax_grid(x, qa.bits)
-    codes = fused.nearest_int8(x, scale, zero, qa.bits, compile=compile)
-    return IntOperand(codes, _alpha(zero).view(1, 1), scale.float().view(1, 1))
+    scale, zero = grid.minmax_grid(x, qa.bits, what="activation")
+    c = fused.nearest_int8(x, scale, zero, qa.bits, compile=compile)
+    return IntOperand(c.q, _alpha(zero).view(1, 1), scale.float().view(1, 1), rowsum=c.rowsum, colsum=c.colsum)
 
 
 def _weight_operand(layer, record: RunRecord, w2: Tensor, compile: bool) -> IntOperand:
@@ -282,10 +319,9 @@ class Int8Linear(torch.autograd.Function):
                 compile: bool) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         xo, wo = _activation_operand(layer, record, x2, compile), _weight_operand(layer, record, w, compile)
+        xo, wo = xo.for_two_gemms(), wo.for_two_gemms()
         record.gemms = {}
-        y = matmul(xo, wo.t(), record.gemms, "fwd", compile)  # (N, out)
-        if bias is not None:
-            y.add_(bias)
+        y = matmul(xo, wo.t(), record.gemms, "fwd", compile, bias)  # (N, out)
         _save(ctx, (xo, wo), layer, record, compile, bias)
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], w.shape[0])
@@ -296,10 +332,12 @@ class Int8Linear(torch.autograd.Function):
         layer, record, compile = ctx.layer, ctx.record, ctx.compile
         g2 = gy.reshape(-1, gy.shape[-1]).float()  # (N, out), one row per sample (or token)
         gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = _backward_gemm(layer, record, "dx", g2, wo, compile).reshape(ctx.x_shape).to(gy.dtype)
-        if ctx.needs_input_grad[1]:
-            gw = _backward_gemm(layer, record, "dw", g2, xo, compile).to(gy.dtype)
+        slots = tuple(s for s, need in zip(("dx", "dw"), ctx.needs_input_grad[:2]) if need)
+        codes = _grad_codes(layer, record, g2, slots)
+        if "dx" in codes:
+            gx = _backward_gemm(record, "dx", codes["dx"], g2, wo, compile).reshape(ctx.x_shape).to(gy.dtype)
+        if "dw" in codes:
+            gw = _backward_gemm(record, "dw", codes["dw"], g2, xo, compile).to(gy.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0).to(gy.dtype)
         ctx.ops = None
@@ -363,11 +401,9 @@ class Int8Conv(torch.autograd.Function):
         b = x.shape[0]
         # the activation grid is the one of x (padding zeros sit on it: every grid holds 0 exactly)
         xo, out_spatial = _int8_columns(_activation_operand(layer, record, x4, compile), k, s, p, d)
-        wo = _weight_operand(layer, record, w.reshape(w.shape[0], -1), compile)
+        wo = _weight_operand(layer, record, w.reshape(w.shape[0], -1), compile).for_two_gemms()
         record.gemms = {}
-        y = matmul(xo, wo.t(), record.gemms, "fwd", compile)  # (B*Ho*Wo, C_out)
-        if bias is not None:
-            y.add_(bias)
+        y = matmul(xo, wo.t(), record.gemms, "fwd", compile, bias)  # (B*Ho*Wo, C_out)
         y = y.view(b, *out_spatial, -1).movedim(-1, 1).reshape(b, -1, *(out_spatial if x.dim() == 4 else out_spatial[1:]))
         _save(ctx, (xo, wo), layer, record, compile, bias)
         ctx.geom = (x.shape, x4.shape, k, s, p, d, out_spatial)
@@ -383,7 +419,9 @@ class Int8Conv(torch.autograd.Function):
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             # dX quantizer: one row per sample over C_out*positions (as FQTConv)
-            op, transform, why = _grad_matrix(layer, record, "dx", gy.reshape(b, -1), need_row_grid=True)
+            g_rows = gy.reshape(b, -1)
+            codes = _grad_codes(layer, record, g_rows, ("dx",))
+            op, transform, why = _grad_matrix(codes["dx"], g_rows, need_row_grid=True)
             rows = _sample_rows_to_positions(op, b, c_out)  # (B*L, C_out)
             if why is not None:
                 record.gemms["dx"] = f"fp32 ({why})"
@@ -396,7 +434,8 @@ class Int8Conv(torch.autograd.Function):
             gx = gx.reshape(x_shape)
         if ctx.needs_input_grad[1]:
             cols = gy.movedim(1, -1).reshape(-1, c_out)  # (B*L, C_out): dW quantizer, one column per channel
-            gw = _backward_gemm(layer, record, "dw", cols, xo, compile).reshape(layer.weight.shape)
+            codes = _grad_codes(layer, record, cols, ("dw",))
+            gw = _backward_gemm(record, "dw", codes["dw"], cols, xo, compile).reshape(layer.weight.shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.sum(dim=[i for i in range(gy.dim()) if i != 1])
         ctx.ops = None
@@ -413,4 +452,4 @@ def _sample_rows_to_positions(op: IntOperand, b: int, c_out: int) -> IntOperand:
 
     if isinstance(op, _FpOperand):
         return _FpOperand(q, op.alpha, op.scale)
-    return IntOperand(q, per_pos(op.alpha), per_pos(op.scale))
+    return IntOperand(q, per_pos(op.alpha), per_pos(op.scale), None if op.offset is None else per_pos(op.offset))

@@ -18,9 +18,11 @@ from torch import nn
 from fqtrun.quant import fused, grid
 from fqtrun.quant.backends import apply_backend, backend_report
 from fqtrun.quant.backends.int8 import IntOperand, grad_operand, int_matmul
+from fqtrun.quant.backends.int_gemm import int8_gemm
 from fqtrun.quant.convert import convert
 from fqtrun.quant.gradient import make_gradient_quantizer
 from fqtrun.quant.layers import NoiseContext
+from fqtrun.quant.native import library
 from fqtrun.quant.quantizers import MinMaxQuantizer
 from fqtrun.quant.recipe import QuantConfig, slot_factory, validate
 
@@ -42,6 +44,13 @@ def run(model: nn.Module, x: torch.Tensor, gy: torch.Tensor):
     return y.detach(), x.grad, [p.grad.clone() for p in model.parameters()]
 
 
+def on_row_grid(shape, step_exp: int, bits: int, gen: torch.Generator) -> torch.Tensor:
+    """Each row of the 2-D view (shape[0], -1) as on_grid with its own zero: the row's span grid has step
+    2^step_exp and lo = -z 2^step_exp, its zero-aligned grid the same step and zero z."""
+    rows = [on_grid(shape[1:], step_exp, bits, gen) for _ in range(shape[0])]
+    return torch.stack(rows)
+
+
 def on_grid(shape, step_exp: int, bits: int, gen: torch.Generator) -> torch.Tensor:
     """Integers in [-z, B - z] (both ends present) times 2^step_exp: min-max and covering grids of
     this tensor have step exactly 2^step_exp and zero z, so quantization is the identity."""
@@ -52,26 +61,36 @@ def on_grid(shape, step_exp: int, bits: int, gen: torch.Generator) -> torch.Tens
     return v * 2.0**step_exp
 
 
-@pytest.mark.parametrize("shapes", [("row", "col"), ("tensor", "tensor"), ("row", "tensor"), ("tensor", "col")])
+@pytest.mark.parametrize("shapes", [("row", "col"), ("tensor", "tensor"), ("row", "tensor"), ("tensor", "col"),
+                                    ("span row", "col"), ("span row", "tensor")])
 def test_int_matmul_is_the_exact_integer_gemm_of_the_codes(shapes):
     gen = torch.Generator().manual_seed(0)
     m, k, n = 37, 64, 29  # 255^2 * 64 < 2^24: fp32 holds every sum exactly
 
     def operand(rows, cols, kind):
         codes = torch.randint(0, 256, (rows, cols), generator=gen)
-        zshape = {"row": (rows, 1), "col": (1, cols), "tensor": (1, 1)}[kind]
+        zshape = {"row": (rows, 1), "col": (1, cols), "tensor": (1, 1)}[kind.split()[-1]]
         zero = torch.randint(0, 256, zshape, generator=gen).float()
         scale = 2.0 ** torch.randint(-8, 3, zshape, generator=gen).float()
-        op = IntOperand((codes - 128).to(torch.int8), (128 - zero).int(), scale)
-        return op, codes, zero, scale
+        lo = None
+        if kind.startswith("span"):  # a span grid: zero 0, code 0 at lo (a multiple of the step here)
+            zero, lo = torch.zeros(zshape), torch.randint(-300, 300, zshape, generator=gen) * scale
+        op = IntOperand((codes - 128).to(torch.int8), (128 - zero).int(), scale, lo)
+        return op, codes, zero, scale, torch.zeros(zshape) if lo is None else lo
 
-    a, ca, za, sa = operand(m, k, shapes[0])
-    b, cb, zb, sb = operand(k, n, shapes[1])
-    ints = (ca - za.long()) @ (cb - zb.long())  # int64 reference
+    a, ca, za, sa, la = operand(m, k, shapes[0])
+    b, cb, zb, sb, _ = operand(k, n, shapes[1])
+    # exact reference in float64: (C_a - Z_a) S_a B + L_a colsum(B), every term an integer times a power of two
+    b_vals = (cb - zb.long()).double() * sb.double()
+    ref = ((ca - za.long()).double() * sa.double()) @ b_vals + la.double() * b_vals.sum(0, keepdim=True)
     got = int_matmul(a, b)
-    assert torch.equal(got, ints.double().mul(sa.double()).mul(sb.double()).float())
-    simulate = ((ca.float() - za) * sa) @ ((cb.float() - zb) * sb)  # fp32 GEMM on dequantized values
+    assert torch.equal(got, ref.float())
+    simulate = a.dequantize() @ b.dequantize()  # fp32 GEMM on dequantized values
     assert torch.equal(got, simulate)
+    if la.abs().sum() > 0:  # the offset is used, not dropped: without it the product differs
+        assert not torch.equal(got, int_matmul(IntOperand(a.q, a.alpha, a.scale), b))
+    with pytest.raises(ValueError, match="only the left operand may carry an offset"):
+        int_matmul(b.t(), IntOperand(a.q.t(), a.alpha.t(), a.scale.t(), torch.ones(1, 1)))
 
 
 @pytest.mark.parametrize("bits", [8, 5, 2])
@@ -82,8 +101,11 @@ def test_forward_int8_codes_equal_the_min_max_quantizer_codes(bits, granularity)
     ref = q.codes(x)
     scale, zero = grid.minmax_grid(x, bits, keep_dim=0 if granularity == "channel" else None)
     got = fused.nearest_int8(x, scale, zero, bits)
-    assert got.dtype == torch.int8
-    assert torch.equal(got.long() + 128, ref.codes.long())
+    assert got.q.dtype == torch.int8
+    assert torch.equal(got.q.long() + 128, ref.codes.long())
+    if got.rowsum is not None:  # the C kernel's sums of the int8 values, for the GEMMs' corrections
+        assert torch.equal(got.rowsum, got.q.int().sum(1, keepdim=True))
+        assert torch.equal(got.colsum, got.q.int().sum(0, keepdim=True))
 
 
 @pytest.mark.parametrize("name", ["per_tensor", "per_sample", "per_column", "householder"])
@@ -97,7 +119,9 @@ def test_gradient_int8_operand_holds_the_quantizer_codes(name):
     assert grad_operand(make_gradient_quantizer(name, 9).quantize(g, seed=11)) is None  # > 8 bits: no int8
 
 
-def test_linear_backends_agree_bit_for_bit_on_exact_grids():
+@pytest.mark.parametrize("grad,grid", [("per_tensor", "minmax"), ("per_sample", "minmax"),
+                                       ("per_sample", "zero_aligned")])
+def test_linear_backends_agree_bit_for_bit_on_exact_grids(grad, grid):
     gen = torch.Generator().manual_seed(3)
     lin = nn.Linear(64, 24)
     with torch.no_grad():
@@ -105,12 +129,16 @@ def test_linear_backends_agree_bit_for_bit_on_exact_grids():
         lin.bias.copy_(torch.randint(-8, 8, (24,), generator=gen) * 0.25)
     x, gy = on_grid((3, 5, 64), -4, 8, gen), on_grid((3, 5, 24), -3, 8, gen)
     kw = {"grad": "per_tensor", "grad_dw": "per_tensor"}
+    if grad != "per_tensor":  # every row of dY on its own grid: PSQ's span (lo, step) or zero-aligned grid exact
+        gy = on_row_grid((15, 24), -3, 8, gen).view(3, 5, 24)
+        kw = {"grad": "per_sample", "grad_dw": "per_tensor", "grad_grid": grid}
     int8_model = quantized(nn.Sequential(lin), "int8", **kw)
     sim, int8 = run(quantized(nn.Sequential(lin), "simulate", **kw), x, gy), run(int8_model, x, gy)
     assert backend_report(int8_model) == {"0": "int8"}
     assert torch.equal(sim[0], int8[0]) and torch.equal(sim[1], int8[1])
-    for a, b in zip(sim[2], int8[2]):
-        assert torch.equal(a, b)
+    if grad == "per_tensor":  # row grids leave dY's per-tensor dW grid inexact (dW: the fp32-rounding test)
+        for a, b in zip(sim[2], int8[2]):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("conv", [nn.Conv1d(8, 40, 3, stride=2, padding=1, dilation=2),
@@ -228,8 +256,10 @@ def test_training_curves_agree_within_seed_noise():
     assert (int8_0 - sim0).abs()[-10:].mean() < 0.2 * seed_noise
 
 
-def test_compiled_gemm_epilogue_equals_eager():
-    """fused.int_gemm_epilogue: the one-pass compiled form gives the eager form's floats bit for bit."""
+def test_compiled_gemm_epilogue_equals_eager(monkeypatch):
+    """fused.int_gemm_epilogue: the one-pass compiled form gives the eager form's floats bit for bit (the
+    C kernel, which runs first where it can, is tested against the eager form in test_native.py)."""
+    monkeypatch.setattr(library, "load", lambda: None)
     gen = torch.Generator().manual_seed(3)
     m, n = 33, 20
     acc = torch.randint(-2**20, 2**20, (m, n), generator=gen, dtype=torch.int32)
@@ -242,7 +272,25 @@ def test_compiled_gemm_epilogue_equals_eager():
     eager = fused.int_gemm_epilogue(acc.clone(), *args)
     ints = acc.long() + alpha_a.long() * col_term.long() + row_a.long() * alpha_b.long()  # int64 reference
     assert torch.equal(eager, ints.float() * scale_a * scale_b)
+    offset, bias = torch.randn(m, 1, generator=gen), torch.randn(n, generator=gen)  # a span grid's lo, a bias
+    eager_more = fused.int_gemm_epilogue(acc.clone(), *args, offset, bias)
+    assert torch.equal(eager_more, eager + offset * (col_term.float() * scale_b) + bias)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a silent eager fallback would make this test vacuous
         compiled = fused.int_gemm_epilogue(acc.clone(), *args, compile=True)
-    assert torch.equal(compiled, eager)
+        compiled_more = fused.int_gemm_epilogue(acc.clone(), *args, offset, bias, compile=True)
+    assert torch.equal(compiled, eager) and torch.equal(compiled_more, eager_more)
+
+
+@pytest.mark.parametrize("k", [1, 77, 1024, 2500])
+def test_float32_engine_is_the_exact_int8_gemm(k):
+    # oracle: an int64 matmul; extreme codes (-128 everywhere) reach the largest partial sums, 2^24 per chunk
+    gen = torch.Generator().manual_seed(k)
+    a = torch.randint(-128, 128, (19, k), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 128, (k, 23), generator=gen, dtype=torch.int8)
+    a[0], b[:, 0] = -128, -128
+    ref = (a.long() @ b.long()).int()
+    assert torch.equal(int8_gemm(a, b, use="fp32"), ref) and int(ref[0, 0]) == k * 2**14
+    assert torch.equal(int8_gemm(a, b.t().contiguous().t(), use="fp32"), ref)  # a transposed operand too
+    if k <= 1024:  # torch._int_mm is a plain loop on AVX2-only CPUs: keep its share of the suite small
+        assert torch.equal(int8_gemm(a, b, use="int_mm"), ref)
