@@ -18,9 +18,11 @@ from fqtrun.allocator import keep_freed_memory
 from fqtrun.bench.harness import interleaved, median_ms, median_ratios
 from fqtrun.bench.models import cnn_model, fqt_model, linear_model, torchao_model
 from fqtrun.bench.settings import BenchSettings, resolve_settings
+from fqtrun.errors import NumericsError
 from fqtrun.quant import fused, grid
 from fqtrun.quant.backends import backend_report
 from fqtrun.quant.gradient import make_gradient_quantizer
+from fqtrun.quant.numerics import NonFiniteError
 
 
 def quantizer_bench(s: BenchSettings, seed: int) -> dict:
@@ -114,6 +116,9 @@ def run_suite(asked: BenchSettings, model_cfg: DictConfig, batch_size: int, seed
                 "linear": step_bench(name, lin, *data["linear"], s),
                 "cnn": step_bench(cnn_name, cnn, *data["cnn"], s),
             })
+    except NonFiniteError as err:  # seeded random data and weights are finite: a quantizer or kernel made it
+        raise NumericsError(f"{err} while benchmarking at {torch.get_num_threads()} thread(s): the bench's "
+                            "data and weights are finite: a bug, FQTRUN_DEBUG=1 shows where") from err
     finally:
         torch.set_num_threads(threads_before)
     result["load_after"] = os.getloadavg()

@@ -24,6 +24,7 @@ import torch
 from fqtrun.quant import native
 from fqtrun.quant.bits import check_bits
 from fqtrun.quant.grid import covering_grid, covering_grid_from_range, sr_quantize, sr_quantize_compiled
+from fqtrun.quant.numerics import check_range
 
 Tensor = torch.Tensor
 
@@ -323,6 +324,7 @@ class BlockHouseholder(_SRGradientQuantizer):
         if xf.numel() == 0:
             return xf, torch.ones(1, 1, device=xf.device), torch.zeros(1, 1, device=xf.device), None
         lo, hi = xf.amin(dim=1), xf.amax(dim=1)
+        check_range(lo, hi)  # before the transform: NaN ranges would give it meaningless groups
         transform = block_householder_transform(hi.clamp(min=0) - lo.clamp(max=0))
         y = transform.apply(xf)
         lo, hi = y.amin(dim=1, keepdim=True), y.amax(dim=1, keepdim=True)

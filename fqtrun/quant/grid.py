@@ -12,6 +12,8 @@ import functools
 
 import torch
 
+from fqtrun.quant.numerics import check_range
+
 Tensor = torch.Tensor
 
 
@@ -36,6 +38,7 @@ def minmax_grid(x: Tensor, bits: int, keep_dim: int | None = None) -> tuple[Tens
     dims = _reduce_dims(x, keep_dim)
     lo = x.detach().amin(dim=dims, keepdim=True).clamp(max=0)
     hi = x.detach().amax(dim=dims, keepdim=True).clamp(min=0)
+    check_range(lo, hi)
     span = hi - lo
     scale = torch.where(span > 0, span / levels(bits), torch.ones_like(span))
     zero = torch.round(-lo / scale).clamp(0, levels(bits))
@@ -168,6 +171,7 @@ def covering_grid_from_range(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor,
     coarser grid than the whole (so PSQ's bound <= PTQ's holds with real steps).
     All-zero ranges get scale 1; scales never fall below the smallest normal float32.
     """
+    check_range(lo, hi)
     big = float(levels(bits))
     lo = lo.float().clamp(max=0)
     hi = hi.float().clamp(min=0)

@@ -42,10 +42,20 @@ class MinMaxQuantizer:
         self.bits = check_bits(bits, setting)
         self.granularity = granularity
 
+    def grid_of(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(scale, zero) of x's min-max grid, per tensor or per channel."""
+        return grid.minmax_grid(x, self.bits, keep_dim=0 if self.granularity == "channel" else None)
+
     def codes(self, x: Tensor) -> QuantCodes:
-        keep = 0 if self.granularity == "channel" else None
-        scale, zero = grid.minmax_grid(x, self.bits, keep_dim=keep)
+        scale, zero = self.grid_of(x)
         return QuantCodes(grid.quantize_nearest(x.detach(), scale, zero, self.bits), scale, zero)
+
+    def saturated(self, x: Tensor) -> Tensor:
+        """Elements the clamp to 0..B clips (numerics health): rounding the zero point can leave an end of
+        the range half a step off the grid, e.g. 2 bits on [-1.5, 1.5] (scale 1, zero 2) clips 1.5 to 1."""
+        scale, zero = self.grid_of(x)
+        u = torch.round(x.detach() / scale) + zero
+        return (u < 0) | (u > grid.levels(self.bits))
 
     def __call__(self, x: Tensor) -> Tensor:
         """Fake-quantized x; the backward is the identity (straight-through estimator)."""

@@ -28,6 +28,7 @@ import torch
 from fqtrun.quant import fused, grid
 from fqtrun.quant.backends.base import Backend, RunRecord
 from fqtrun.quant.backends.simulate import Simulate
+from fqtrun.quant.health import named_slot
 from fqtrun.quant.quantizers import MinMaxQuantizer
 
 Tensor = torch.Tensor
@@ -162,7 +163,9 @@ def _grad_matrix(layer, record: RunRecord, slot: str, g2: Tensor,
     q = record.use(slot, layer.slots[slot])
     if q is None:
         return fp_operand(g2), None, "dY full precision"
-    gc = q.quantize(g2, layer.grad_seed(slot))
+    with named_slot(layer, record, slot, g2):
+        gc = q.quantize(g2, layer.grad_seed(slot))
+    record.measure(slot, q, g2, gc.dequantize)
     op = grad_operand(gc)
     if op is None:
         return fp_operand(gc.dequantize().float()), None, f"{gc.bits} bits > {INT8_MAX_BITS}"
@@ -264,14 +267,20 @@ def _conv_refusal(layer) -> str | None:
 def _activation_operand(layer, record: RunRecord, x: Tensor, compile: bool) -> IntOperand:
     """Slot a's per-tensor operand of x (any shape: the codes keep it)."""
     qa = record.use("a", layer.slots["a"])
-    scale, zero = grid.minmax_grid(x, qa.bits)
+    with named_slot(layer, record, "a", x):
+        scale, zero = grid.minmax_grid(x, qa.bits)
     codes = fused.nearest_int8(x, scale, zero, qa.bits, compile=compile)
-    return IntOperand(codes, _alpha(zero).view(1, 1), scale.float().view(1, 1))
+    op = IntOperand(codes, _alpha(zero).view(1, 1), scale.float().view(1, 1))
+    record.measure("a", qa, x, op.dequantize)
+    return op
 
 
 def _weight_operand(layer, record: RunRecord, w2: Tensor, compile: bool) -> IntOperand:
     qw = record.use("w", layer.slots["w"])
-    return forward_operand(qw, w2, per_row=qw.granularity == "channel", compile=compile)
+    with named_slot(layer, record, "w", w2):
+        op = forward_operand(qw, w2, per_row=qw.granularity == "channel", compile=compile)
+    record.measure("w", qw, w2, op.dequantize)
+    return op
 
 
 class Int8Linear(torch.autograd.Function):
