@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_INSTALL := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: help install run test test-slow lint bench clean compare-qat reproduce-fqt reproduce-cpt reproduce-sparsity reproduce-ridge
+.PHONY: help install run test test-slow lint bench clean compare-qat reproduce-fqt reproduce-cpt reproduce-sparsity reproduce-ridge reproduce-numerics
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -34,10 +34,11 @@ test-slow: install  ## run the slow tests too
 lint: install  ## ruff
 	$(BIN)/ruff check fqtrun tests scripts
 
-bench: install  ## benchmarks: quantizers and FQT steps vs fp32/bf16/torchao (bench.json), mask search (bench_masks.json)
+bench: install  ## benchmarks: quantizers and FQT steps vs fp32/bf16/torchao (bench.json), mask search, numerics probe
 	$(PIP_INSTALL) -e '.[bench]'
 	$(BIN)/fqtrun bench hydra.run.dir=outputs/bench
 	$(BIN)/python scripts/bench_masks.py --out bench_masks.json
+	$(BIN)/python scripts/bench_numerics.py --out bench_numerics.json
 
 # The README tables (each writes a markdown table under results/; runs are reused when re-run).
 compare-qat: install  ## fp32 vs QAT 8/6/4-bit, MNIST-1D CNN and MLP, 3 seeds
@@ -54,6 +55,10 @@ reproduce-sparsity: install  ## dense vs 2:4, 2:4-T, 4:8-T, 2:4-T + BHQ 5-bit
 
 reproduce-ridge: install  ## STE vs ridge dequantization; integer BN report (ResNet-20 / digits)
 	$(BIN)/python scripts/reproduce_ridge.py --seeds 0 1 2 --epochs 50 --rn-epochs 10 --out results/ridge
+
+reproduce-numerics: install  ## numerics health of a 4-bit PSQ run: table and plot (results/numerics/report)
+	$(BIN)/fqtrun train +quant=per_sample bits=4 numerics.every=40 epochs=30 threads=1 hydra.run.dir=results/numerics
+	$(BIN)/fqtrun report results/numerics out=results/numerics/report
 
 clean:  ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache bench*.json

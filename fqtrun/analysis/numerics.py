@@ -15,7 +15,7 @@ from fqtrun.errors import ConfigError
 from fqtrun.quant.backends import SLOTS
 from fqtrun.quant.convert import quant_layers
 from fqtrun.quant.health import STATS, severity, stats
-from fqtrun.training.hooks import Hook, RunFacts
+from fqtrun.training.hooks import PeriodicProbe, RunFacts
 
 
 def metric_key(layer: str, slot: str, stat: str) -> str:
@@ -23,29 +23,23 @@ def metric_key(layer: str, slot: str, stat: str) -> str:
     return f"numerics/{layer}/{slot}/{stat}"
 
 
-class NumericsProbe(Hook):
+class NumericsProbe(PeriodicProbe):
     """Measures every quantized layer's slots on steps every, 2 every, ...; other steps pay nothing."""
 
     def __init__(self, layers: list, every: int, log_every: int):
-        self.layers, self.every, self.log_every = layers, every, max(1, log_every)
-        self.pending: dict = {}
-        self.last: dict = {}
+        super().__init__(every, log_every)
+        self.layers = layers
 
     def before_step(self, step: int) -> None:
         probe = (step + 1) % self.every == 0  # `step` steps are done: this one is number step + 1
         for _, layer in self.layers:
             layer.record.probe = probe
 
-    def after_step(self, step: int, batch: dict) -> dict:
-        if step % self.every == 0:
-            rows = self.read()
-            self.last = {"step": step, "rows": rows}
-            self.pending = {"numerics/step": step,
-                            **{metric_key(r["layer"], r["slot"], k): r[k] for r in rows for k in STATS}}
-        out = self.pending
-        if step % self.log_every == 0:
-            self.pending = {}
-        return out
+    def measure(self, step: int) -> dict:
+        rows = self.read()
+        self.last = {"step": step, "rows": rows}
+        metrics = {metric_key(r["layer"], r["slot"], k): r[k] for r in rows for k in STATS}
+        return {"numerics/step": step, **metrics}
 
     def read(self) -> list[dict]:
         """The probe's rows (layer, slot, STATS) in model and slot order; switches the records' probes off."""
@@ -61,13 +55,6 @@ class NumericsProbe(Hook):
         if not self.last:
             return {}
         return {"numerics_step": self.last["step"], "numerics": sorted(self.last["rows"], key=severity)}
-
-    def state_dict(self) -> dict:
-        return {"pending": dict(self.pending), "last": dict(self.last)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.pending = dict(state.get("pending", {}))
-        self.last = dict(state.get("last", {}))
 
 
 def numerics_hook(node, facts: RunFacts) -> NumericsProbe | None:

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from fqtrun.commands.common import run_reporting_errors
 from fqtrun.errors import ConfigError
-from fqtrun.report import html, plots, tables
+from fqtrun.report import html, numerics, plots, tables
 from fqtrun.report.collect import find_runs, group_runs, load_run, varying_keys
 
 
@@ -90,12 +90,15 @@ def run_report(cfg: DictConfig, out_dir: Path | None = None) -> dict:
             notes.append(f"group {g.label}: seed {seed} appears {seeds.count(seed)} times (the same run "
                          "reported twice, or two sweeps with the same settings)")
 
+    probed = numerics.represented(groups, lambda g: plots.group_label(g, keys))
+    health = numerics.health_rows(probed)
     figures, plot_notes = [], []
     if cfg.plots:
         for result in (plots.accuracy_vs_bits(groups, keys, out / "accuracy_vs_bits.png"),
                        plots.accuracy_curves(groups, keys, out / "accuracy_curves.png"),
                        plots.bit_traces(groups, keys, out / "bit_traces.png"),
-                       plots.gradient_variance(groups, keys, runs, out / "gradient_variance.png")):
+                       plots.gradient_variance(groups, keys, runs, out / "gradient_variance.png"),
+                       plots.numerics_health(probed, out / "numerics_health.png")):
             path, why = result
             if path:
                 figures.append(path)
@@ -104,15 +107,18 @@ def run_report(cfg: DictConfig, out_dir: Path | None = None) -> dict:
 
     shared = " ".join(f"{k}={v}" for k, v in common.items())
     title = "fqtrun report: " + ", ".join(map(str, dirs))
-    (out / "report.md").write_text(_markdown(title, rows, keys, shared, figures, notes + plot_notes, skipped),
-                                   encoding="utf-8")
+    (out / "report.md").write_text(_markdown(title, rows, keys, shared, figures, notes + plot_notes, skipped,
+                                             health), encoding="utf-8")
     tables.write_csv(out / "report.csv", rows, keys)
-    page = html.page(title, rows, keys, common, figures, notes + plot_notes, skipped)
+    sections = [(HEALTH_TITLE, numerics.html_table(health))] if health else []
+    page = html.page(title, rows, keys, common, figures, notes + plot_notes, skipped, sections)
     (out / "report.html").write_text(page, encoding="utf-8")
 
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # no cut columns in logs
     caption = f"shared settings: {shared}" if shared else ""
     console.print(tables.rich_table(rows, keys, caption))
+    if health:
+        console.print(numerics.rich_table(health))
     for r in rows:
         for f in r.failed:
             console.print(f"failed: {f}")
@@ -125,14 +131,19 @@ def run_report(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     console.print(f"{len(groups)} groups from {n_done} finished and {n_failed} failed runs, {len(skipped)} "
                   f"skipped; wrote {out / 'report.md'}, report.csv, report.html and {len(figures)} PNGs")
     return {"out": str(out), "groups": len(groups), "done": n_done, "failed": n_failed, "skipped": skipped,
-            "figures": [str(f) for f in figures], "notes": notes + plot_notes}
+            "figures": [str(f) for f in figures], "notes": notes + plot_notes, "numerics_rows": len(health)}
 
 
-def _markdown(title, rows, keys, shared, figures, notes, skipped) -> str:
+HEALTH_TITLE = f"Numerics health at the last probe (worst {numerics.TOP} layer/slot pairs per group first)"
+
+
+def _markdown(title, rows, keys, shared, figures, notes, skipped, health) -> str:
     parts = [f"# {title}", "", "Mean ± sample standard deviation over seeds.", ""]
     if shared:
         parts += [f"Shared settings: `{shared}`", ""]
     parts += [tables.markdown(rows, keys), ""]
+    if health:
+        parts += [f"## {HEALTH_TITLE}", "", numerics.markdown(health), ""]
     failed = [f for r in rows for f in r.failed]
     for name, items in (("Failed runs", failed), ("Skipped", skipped), ("Notes", notes)):
         if items:

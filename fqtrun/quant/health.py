@@ -2,17 +2,16 @@
 
 For an input x and its quantized (dequantized) value x_hat:
     sat        fraction of the elements clipped by the quantizer (its `saturated(x)`, a bool tensor of
-               the elements a grid's end clipped; a quantizer without it clips nothing: min-max and
-               covering grids hold the whole range)
+               the elements a grid's end clipped; a quantizer without it counts as clipping nothing, as
+               covering SR grids never clip)
     flush      fraction of the nonzero (finite) inputs whose quantized value is exactly 0
-    sqnr_db    10 log10(sum x^2 / sum (x - x_hat)^2) over the finite elements; inf when x_hat == x,
-               nan when x is all zero
+    sqnr_db    10 log10(sum x^2 / sum (x - x_hat)^2); inf when x_hat == x, nan when x is all zero
     nonfinite  number of NaN / inf elements of x (the quantizer then raises NonFiniteError and
                x_hat does not exist: the other statistics are nan)
     bits       the bits the slot ran at
-`measure` returns raw sums as one small tensor (no host sync inside a backward pass); `stats`
-turns them into the numbers above. `named_slot` is how a backend quantizes a slot: a quantizer's
-NonFiniteError comes out naming the layer and the slot.
+`measure` returns raw sums as one small tensor; `stats` turns them into the numbers above.
+`named_slot` is how a backend quantizes a slot: a quantizer's NonFiniteError comes out naming the
+layer and the slot.
 """
 
 from __future__ import annotations
@@ -40,21 +39,24 @@ def measure(x: Tensor, x_hat: Tensor | None, q=None) -> Tensor:
     """
     with torch.no_grad():
         x = x.detach().float()
-        finite = torch.isfinite(x)
-        nonzero = finite & (x != 0)
+        n = x.numel()
         out = torch.full((len(_SUMS),), math.nan, dtype=torch.float64, device=x.device)
-        out[0] = x.numel()
-        out[1] = nonzero.sum()
-        out[4] = x.numel() - finite.sum()
+        out[0] = n
         if x_hat is None:
+            finite = torch.isfinite(x)
+            out[1] = (finite & (x != 0)).sum()
+            out[4] = n - finite.sum()
             return out
         x_hat = x_hat.detach().float().reshape(x.shape)
+        nonzero = x != 0
+        out[1] = nonzero.sum()
         out[2] = (nonzero & (x_hat == 0)).sum()
         saturated = getattr(q, "saturated", None)
         out[3] = saturated(x).sum() if saturated is not None else 0
-        xf = torch.where(finite, x, torch.zeros_like(x))
-        out[5] = xf.double().square().sum()
-        out[6] = (xf - torch.where(finite, x_hat, torch.zeros_like(x_hat))).double().square().sum()
+        out[5] = torch.linalg.vector_norm(x).double().square()
+        out[6] = torch.linalg.vector_norm(x - x_hat).double().square()
+        # a quantizer that produced x_hat found x's range finite; the count is for one that does not check
+        out[4] = 0 if torch.isfinite(out[5]) else n - torch.isfinite(x).sum()
         return out
 
 

@@ -75,10 +75,13 @@ def cells(row: Row, keys: list[str]) -> list[str]:
 
 
 def markdown(rows: list[Row], keys: list[str]) -> str:
-    head = columns(keys)
+    return markdown_table(columns(keys), [cells(r, keys) for r in rows])
+
+
+def markdown_table(head: list[str], body: list[list[str]]) -> str:
+    """A markdown table of already formatted cells."""
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
-    lines += ["| " + " | ".join(cells(r, keys)) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
 
 
 def write_csv(path: Path, rows: list[Row], keys: list[str]) -> None:

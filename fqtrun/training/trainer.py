@@ -251,8 +251,8 @@ class Trainer:
             metrics = self.task.evaluate(self.model, self.test_set, self.s.eval_batch_size, self.device)
         except NonFiniteError as err:  # no step to skip: evaluation stops under either nan_policy
             raise TrainingError(f"{err} while evaluating after step {self.state.step}; last good checkpoint: "
-                                f"{self.last_checkpoint or 'none written yet'}; check the data for NaN/inf "
-                                "or resume from an earlier checkpoint") from None
+                                f"{self.last_checkpoint or 'none written yet'}; lower optim.lr (the weights "
+                                "may have blown up) or check the data for NaN/inf") from None
         self.model.train(was_training)
         for h in self.hooks:
             h.after_eval()

@@ -29,10 +29,12 @@ SLOT = {"input": "a", "weight": "w", "dY": "dx"}
 
 
 class Poison(Hook):
-    """Writes `value` into one element of a layer's input, dY or weight during step AT only."""
+    """Writes `value` into one element of a layer's input, dY or weight during step `at` only (a weight
+    stays poisoned when `restore` is false)."""
 
-    def __init__(self, layer: torch.nn.Module, where: str, value: float):
+    def __init__(self, layer: torch.nn.Module, where: str, value: float, at: int = AT, restore: bool = True):
         self.layer, self.where, self.value, self.on = layer, where, value, False
+        self.at, self.restore = at, restore
         self.saved = None
         layer.register_forward_pre_hook(self.input_hook)
         layer.register_forward_hook(self.grad_hook)
@@ -50,9 +52,9 @@ class Poison(Hook):
             out.register_hook(self.bad)
 
     def before_step(self, step: int) -> None:
-        self.on = step + 1 == AT
+        self.on = step + 1 == self.at
         if self.on and self.where == "weight":
-            self.saved = self.layer.weight.detach().clone()
+            self.saved = self.layer.weight.detach().clone() if self.restore else None
             with torch.no_grad():
                 self.layer.weight.view(-1)[0] = self.value
 
@@ -65,9 +67,9 @@ class Poison(Hook):
         return {}
 
 
-def poison_specs(name: str, where: str, value: float) -> tuple[HookSpec, ...]:
+def poison_specs(name: str, where: str, value: float, **kw) -> tuple[HookSpec, ...]:
     return (*DEFAULT_HOOKS, HookSpec("poison", None, lambda node, facts: Poison(
-        facts.model.get_submodule(name), where, value)))
+        facts.model.get_submodule(name), where, value, **kw)))
 
 
 def records(run) -> list[dict]:
@@ -106,3 +108,12 @@ def test_skip_skips_and_counts_the_step(compose_train, tmp_path, model, backend,
     # the probe of the skipped step counted the non-finite values where the quantizer refused them
     skipped = next(r for r in records(tmp_path) if r.get("numerics/step") == AT)
     assert skipped[f"numerics/{name}/{SLOT[where]}/nonfinite"] == 1
+
+
+def test_evaluation_meeting_nan_stops_under_either_policy(compose_train, tmp_path):
+    """Weights left non-finite (no step to skip): the evaluation after step 4 stops the run, naming it."""
+    cfg = compose_train(*RUN, "nan_policy=skip")
+    with pytest.raises(TrainingError, match=r"in the weights of layer features.2, slot w while evaluating "
+                                            r"after step 4; last good checkpoint: none written yet"):
+        run_training(cfg, tmp_path, hook_specs=poison_specs("features.2", "weight", float("nan"), at=3,
+                                                            restore=False))
