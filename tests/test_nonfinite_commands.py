@@ -11,9 +11,11 @@ from hydra import compose, initialize_config_dir
 from conftest import CONF
 from fqtrun.bench import suite
 from fqtrun.commands.bench import run_bench
+from fqtrun.commands.common import user_error
 from fqtrun.commands.variance import variance as run_variance
 from fqtrun.errors import NumericsError
 from fqtrun.models.cnn1d import CNN1D
+from fqtrun.quant.numerics import NonFiniteError
 from fqtrun.training.checkpoint import model_signature, save_checkpoint
 
 
@@ -52,3 +54,10 @@ def test_bench_names_the_layer_that_met_nan(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(suite, "linear_model", poisoned)
     with pytest.raises(NumericsError, match="weights of layer head, slot w while benchmarking at 1 thread"):
         run_bench(compose_cfg("bench", "bench.quick=true", "batch_size=24"), tmp_path)
+
+
+def test_any_command_reports_a_quantizer_nan_as_one_line():
+    """A command that does not catch NonFiniteError itself (mask, intbn) prints one line, no traceback."""
+    err = NonFiniteError("weights", "features.2", "w")
+    assert user_error(err) is err
+    assert str(err) == "non-finite values (NaN or inf) in the weights of layer features.2, slot w"

@@ -60,6 +60,24 @@ def test_min_max_grid_clips_when_the_zero_point_rounds_up():
     assert stats(measure(x, q(x), q), 2)["sat"] == 1 / 3
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_saturated_equals_the_elementwise_clamp_check(granularity, bits):
+    """Slow obvious reference: the unclamped code of every element on the quantizer's own grid. Half-integer
+    data makes rounding ties, where the zero point's rounding clips."""
+    gen = torch.Generator().manual_seed(bits)
+    q = MinMaxQuantizer(bits, granularity)
+    clipped = 0
+    for _ in range(200):
+        x = torch.randint(-6, 7, (4, 5), generator=gen).float() / 2
+        scale, zero = q.grid_of(x)
+        u = torch.round(x / scale) + zero
+        want = (u < 0) | (u > (1 << bits) - 1)
+        assert torch.equal(q.saturated(x), want)
+        clipped += int(want.any())
+    assert clipped > 0  # the cases that clip were met
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_sqnr_of_round_to_nearest_on_uniform_data(bits):
     """x ~ U[-1, 1] (ends included, so the min-max grid spans exactly [-1, 1] with step 2 / B and
