@@ -1,21 +1,26 @@
 # fqtrun: `make run` trains the default experiment, `make test` runs the suite.
-# Both set themselves up on a fresh machine (a .venv in this folder).
+# Both set themselves up on a fresh machine (a .venv in this folder) with the exact tested versions
+# of constraints.txt. Another Python: `make PY=python3.12 test` (its own .venv-python3.12; VENV=<dir>
+# puts the environment elsewhere).
 PY ?= python3.11
-VENV := .venv
+VENV ?= $(if $(filter command line,$(origin PY)),.venv-$(notdir $(PY)),.venv)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PIP_INSTALL := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: help install run test test-slow lint bench clean compare-qat reproduce-fqt reproduce-cpt reproduce-sparsity reproduce-ridge reproduce-lm
+.PHONY: help install run test test-slow lint bench clean compare-qat reproduce-fqt reproduce-cpt reproduce-sparsity reproduce-ridge reproduce-lm reproduce-numerics
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-$(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[dev,sweeps]'
+# PY named on the command line must exist; the default falls back to python3 (pip then checks >= 3.11)
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || { test "$(origin PY)" = file && python3 -m venv $(VENV); } \
+		|| { echo "error: PY=$(PY) cannot create a virtual environment: pass PY=<a Python >= 3.11>" >&2; exit 1; }
+	$(PIP_INSTALL) -e '.[dev,sweeps]'
 	@touch $(STAMP)
 
-install: $(STAMP)  ## create .venv if missing and install fqtrun with its dev extras (idempotent)
+install: $(STAMP)  ## create the venv if missing and install fqtrun + dev extras at constraints.txt's versions
 
 run: install  ## train the default experiment (MNIST-1D CNN, full precision)
 	$(BIN)/fqtrun train
@@ -29,8 +34,8 @@ test-slow: install  ## run the slow tests too
 lint: install  ## ruff
 	$(BIN)/ruff check fqtrun tests
 
-bench: install  ## benchmarks: quantizers, FQT steps vs fp32/bf16/torchao, mask search (outputs/bench/bench.json)
-	$(BIN)/python -m pip install -q -e '.[bench]'
+bench: install  ## benchmarks: quantizers, FQT steps vs fp32/bf16/torchao, numerics probe, mask search (outputs/bench/bench.json)
+	$(PIP_INSTALL) -e '.[bench]'
 	$(BIN)/fqtrun bench hydra.run.dir=outputs/bench
 
 # The README tables: `fqtrun reproduce <name>` runs conf/experiment/<name>.yaml into results/<name>
@@ -56,6 +61,10 @@ reproduce-lm: install  ## language model: fp32 GPT on the embedded corpus, 3 see
 		logger.progress=none skip_done=true hydra.sweep.dir=results/lm/fp32
 	$(BIN)/fqtrun report results/lm/fp32
 	$(BIN)/fqtrun sample checkpoint=results/lm/fp32/0 'prompt="The "' tokens=300 threads=1
+
+reproduce-numerics: install  ## numerics health of a 4-bit PSQ run: table and plot (results/numerics/report)
+	$(BIN)/fqtrun train +quant=per_sample bits=4 numerics.every=40 epochs=30 threads=1 hydra.run.dir=results/numerics
+	$(BIN)/fqtrun report results/numerics out=results/numerics/report
 
 clean:  ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache bench*.json

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from fqtrun.analysis.numerics import numerics_hook
 from fqtrun.analysis.variance import variance_hook
 from fqtrun.config import TrainConfig, instantiate_checked
 from fqtrun.data.base import check_signature
@@ -41,6 +42,7 @@ def noise_hook(node, facts: RunFacts) -> NoiseStep:
 DEFAULT_HOOKS: tuple[HookSpec, ...] = (
     HookSpec("noise", None, noise_hook),  # stochastic-rounding noise follows the global step
     HookSpec("sparsity", "sparsity", sparsity_hook),  # masks refresh, SR-STE
+    HookSpec("numerics", "numerics", numerics_hook),  # numerics health (read before the variance probe runs)
     HookSpec("variance", "variance", variance_hook),  # gradient-variance probe
     HookSpec("schedule", "schedule", schedule_hook),  # precision schedule sets the bits
     HookSpec("bitops", "schedule", bitops_hook),  # cumulative BitOPs

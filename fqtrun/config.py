@@ -103,6 +103,14 @@ class VarianceConfig:
 
 
 @dataclass
+class NumericsConfig:
+    """Numerics health per quantized layer and slot (fqtrun/analysis/numerics.py): saturated and flushed
+    fractions, SQNR, non-finite count, bits, in metrics.jsonl as numerics/<layer>/<slot>/<stat>."""
+
+    every: int = 0  # steps between probes (0 = off)
+
+
+@dataclass
 class TrainerConfig:
     """How the loop runs: its length in steps (else epochs), evaluation cadence, processes."""
 
@@ -123,6 +131,7 @@ class TrainConfig:
     sparsity: Any = None  # +sparsity=nm|transposable; absent = dense
     schedule: Any = MISSING  # precision schedule of the forward bits (group schedule; static = as configured)
     variance: VarianceConfig = field(default_factory=VarianceConfig)
+    numerics: NumericsConfig = field(default_factory=NumericsConfig)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     bits: int = 8  # feeds every quant.bits_* slot unless that slot is set (needs +quant=<recipe>)
     seed: int = 0
@@ -132,7 +141,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # max gradient norm, 0 = off
-    nan_policy: str = "stop"  # stop | skip: what a NaN/inf loss does
+    nan_policy: str = "stop"  # stop | skip: what a NaN/inf loss (or quantized input, weight, dY) does
     resume: bool = False  # continue the run in hydra.run.dir from its last.pt
     skip_done: bool = False  # a (sweep) job whose folder already holds summary.json returns at once
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

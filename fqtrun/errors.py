@@ -15,3 +15,7 @@ class CheckpointError(FqtrunError):
 
 class TrainingError(FqtrunError):
     """Training cannot go on (e.g. a NaN loss with nan_policy=stop)."""
+
+
+class NumericsError(FqtrunError):
+    """NaN or inf met where a command cannot skip it (a variance study, a benchmark)."""

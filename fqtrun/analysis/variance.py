@@ -28,7 +28,7 @@ from fqtrun.errors import ConfigError
 from fqtrun.quant.convert import quant_layers
 from fqtrun.quant.gradient import GRADIENT_QUANTIZERS, make_gradient_quantizer
 from fqtrun.quant.grid import mix_seed
-from fqtrun.training.hooks import Hook, RunFacts
+from fqtrun.training.hooks import PeriodicProbe, RunFacts
 
 Tensor = torch.Tensor
 Batch = tuple[Tensor, Tensor]
@@ -228,42 +228,25 @@ def held_batches(dataset, batch_size: int, count: int, seed: int) -> list[Batch]
 
 
 # ----- the training probe ---------------------------------------------------------------------
-class VarianceProbe(Hook):
-    """Every `every` steps: var/sampling and var/quant of the run's own FQT gradient on held batches.
-
-    The trainer adds hook metrics only to the records it logs (every logger.log_every steps), so a
-    measurement is held (with var/step, the step it was taken at) until the next logged step.
-    """
+class VarianceProbe(PeriodicProbe):
+    """Every `every` steps: var/sampling and var/quant of the run's own FQT gradient on held batches
+    (held until the next logged record with var/step, the step it was taken at)."""
 
     def __init__(self, model: nn.Module, batches: list[Batch], every: int, k: int, log_every: int,
                  loss_fn: LossFn, seed: int):
-        self.model, self.batches = model, batches
-        self.every, self.k, self.log_every = every, k, max(1, log_every)
+        super().__init__(every, log_every)
+        self.model, self.batches, self.k = model, batches, k
         self.loss_fn, self.seed = loss_fn, seed
-        self.pending: dict = {}
-        self.last: dict = {}
 
-    def after_step(self, step: int, batch: dict) -> dict:
-        if step % self.every == 0:
-            own = {id(layer): dict(layer.slots) for _, layer in quant_layers(self.model)}
-            setups = {"run": lambda slot, layer: own[id(layer)][slot]}
-            res = measure_variance(self.model, self.batches, setups, self.k, self.loss_fn, self.seed)
-            self.pending = {"var/sampling": res.sampling, "var/quant": res.quant["run"], "var/step": step}
-            self.last = dict(self.pending)
-        out = self.pending
-        if step % self.log_every == 0:
-            self.pending = {}
-        return out
+    def measure(self, step: int) -> dict:
+        own = {id(layer): dict(layer.slots) for _, layer in quant_layers(self.model)}
+        setups = {"run": lambda slot, layer: own[id(layer)][slot]}
+        res = measure_variance(self.model, self.batches, setups, self.k, self.loss_fn, self.seed)
+        self.last = {"var/sampling": res.sampling, "var/quant": res.quant["run"], "var/step": step}
+        return dict(self.last)
 
     def summary(self) -> dict:
         return {f"final_{k.replace('/', '_')}": v for k, v in self.last.items()}
-
-    def state_dict(self) -> dict:
-        return {"pending": dict(self.pending), "last": dict(self.last)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.pending = dict(state.get("pending", {}))
-        self.last = dict(state.get("last", {}))
 
 
 def variance_hook(v, facts: RunFacts) -> VarianceProbe | None:

@@ -37,6 +37,8 @@ class BenchSettings:
     mask_reps: int = 5
     mask_flow: bool = True  # exact transposable 4:8 (batched min-cost flow): seconds at 4096^2
     mask_flow_reps: int = 1
+    numerics: bool = True  # also time the numerics-health probe on the linear model's FQT int8 step
+    numerics_every: int = 100  # the numerics.every its overhead is stated for
 
 
 # What bench.quick=true puts in place of the settings (a run of seconds: the tests' mode).
@@ -55,7 +57,8 @@ def resolve_settings(asked: BenchSettings, batch_size: int) -> BenchSettings:
               (batch_size >= 1, f"batch_size={batch_size} must be >= 1"),
               (s.quant_elements >= s.quant_rows >= 1, "bench.quant_elements must be >= bench.quant_rows >= 1"),
               (s.mask_size >= 8 and s.mask_reps >= 1 and s.mask_flow_reps >= 1,
-               "bench.mask_size must be >= 8 and bench.mask_reps, bench.mask_flow_reps >= 1")]
+               "bench.mask_size must be >= 8 and bench.mask_reps, bench.mask_flow_reps >= 1"),
+              (s.numerics_every >= 1, f"bench.numerics_every={s.numerics_every} must be >= 1")]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)

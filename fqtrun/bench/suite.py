@@ -18,11 +18,14 @@ from fqtrun.allocator import keep_freed_memory
 from fqtrun.bench.harness import interleaved, median_ms, median_ratios
 from fqtrun.bench.masks import mask_bench
 from fqtrun.bench.models import cnn_model, fqt_model, linear_model, torchao_model
+from fqtrun.bench.numerics import numerics_bench
 from fqtrun.bench.settings import BenchSettings, resolve_settings
+from fqtrun.errors import NumericsError
 from fqtrun.quant import fused, grid
 from fqtrun.quant.backends import backend_report, int_gemm
 from fqtrun.quant.gradient import make_gradient_quantizer, quantize_pair
 from fqtrun.quant.native import library as native_library
+from fqtrun.quant.numerics import NonFiniteError
 from fqtrun.tasks import TASKS, Task
 
 
@@ -77,8 +80,10 @@ def model_task(model: nn.Module) -> Task:
     return TASKS[getattr(model, "task", "classification")]()
 
 
-def step_bench(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: BenchSettings) -> dict:
-    """Train steps fp32 / bf16 autocast / FQT simulate / FQT int8 (/ torchao) of one model, relative to fp32."""
+def step_bench(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: BenchSettings,
+               probe: bool = False) -> dict:
+    """Train steps fp32 / bf16 autocast / FQT simulate / FQT int8 (/ torchao) of one model, relative to fp32;
+    `probe`: also the numerics-health probe's cost on the FQT int8 step (bench/numerics.py)."""
     variants = {"fp32": (model, False), "bf16 autocast": (copy.deepcopy(model), True),
                 "FQT simulate": (fqt_model(model, s, "simulate"), False),
                 "FQT int8": (fqt_model(model, s, "int8"), False)}
@@ -97,7 +102,8 @@ def step_bench(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, s:
     rows["FQT int8"]["speedup_vs_bf16"] = round(1 / bf16["FQT int8"], 3)
     layers = backend_report(variants["FQT int8"][0])
     return {"model": name, "steps": rows, "int8_layers": layers,
-            "int8_layers_ran_int8": sum(v == "int8" for v in layers.values()), "layers": len(layers)}
+            "int8_layers_ran_int8": sum(v == "int8" for v in layers.values()), "layers": len(layers),
+            **({"numerics_probe": numerics_bench(variants["FQT int8"][0], fns["FQT int8"], s)} if probe else {})}
 
 
 def run_suite(asked: BenchSettings, model_cfg: DictConfig, batch_size: int, seed: int) -> dict:
@@ -126,10 +132,13 @@ def run_suite(asked: BenchSettings, model_cfg: DictConfig, batch_size: int, seed
             result["runs"].append({
                 "threads": t, "load": os.getloadavg(),
                 "quantizers": quantizer_bench(s, seed),
-                "linear": step_bench(name, lin, *data["linear"], s),
+                "linear": step_bench(name, lin, *data["linear"], s, probe=s.numerics),
                 "cnn": step_bench(cnn_name, cnn, *data["cnn"], s),
                 **({"masks": mask_bench(s, seed)} if s.masks else {}),
             })
+    except NonFiniteError as err:  # seeded random data and weights are finite: a quantizer or kernel made it
+        raise NumericsError(f"{err} while benchmarking at {torch.get_num_threads()} thread(s): the bench's "
+                            "data and weights are finite: a bug, FQTRUN_DEBUG=1 shows where") from err
     finally:
         torch.set_num_threads(threads_before)
     result["load_after"] = os.getloadavg()

@@ -35,6 +35,10 @@ def step_table(b: dict, threads: int) -> Table:
         if k == "FQT int8":
             note += f"; {b['int8_layers_ran_int8']}/{b['layers']} layers all-int8"
         t.add_row(k, f"{v['x_fp32']:.2f}", f"{v['speedup_vs_fp32']:.2f}x", f"{v['median_ms']:.1f}", note)
+    if "numerics_probe" in b:
+        p = b["numerics_probe"]
+        t.add_row("FQT int8, numerics probe step", f"{p['probe_step_x_plain']:.2f} x FQT int8", "",
+                  f"{p['probe_step_ms']:.1f}", f"{100 * p['overhead_at_every']:.2f}% of a step at numerics.every={p['every']}")
     return t
 
 

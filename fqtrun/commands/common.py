@@ -21,18 +21,21 @@ from omegaconf.errors import MissingMandatoryValue
 
 from fqtrun.errors import FqtrunError
 from fqtrun.files import write_json
+from fqtrun.quant.numerics import NonFiniteError
 
 
 def user_error(exc: BaseException) -> BaseException | None:
     """The user-facing error inside `exc` (unwrapping hydra's InstantiationException), or None.
 
-    Bad settings raise FqtrunError or ValueError with a one-line message naming the setting.
+    Bad settings raise FqtrunError or ValueError with a one-line message naming the setting; a quantizer
+    that met NaN/inf (NonFiniteError, naming the layer and slot) where no command turned it into one of
+    those is reported the same way.
     """
     while isinstance(exc, InstantiationException) and exc.__cause__ is not None:
         exc = exc.__cause__
     if isinstance(exc, MissingMandatoryValue):
         return FqtrunError(f"{exc.full_key} is required and not set: pass {exc.full_key}=<value>")
-    return exc if isinstance(exc, (FqtrunError, ValueError)) else None
+    return exc if isinstance(exc, (FqtrunError, ValueError, NonFiniteError)) else None
 
 
 def run_reporting_errors(task: Callable[[DictConfig, Path], object], cfg: DictConfig) -> object:

@@ -28,7 +28,7 @@ from rich.console import Console
 from fqtrun.commands.common import run_reporting_errors, split_positionals
 from fqtrun.errors import ConfigError
 from fqtrun.experiment.layout import TABLES_FILE, is_experiment
-from fqtrun.report import tables
+from fqtrun.report import numerics, tables
 from fqtrun.report.experiment import experiment_report
 from fqtrun.report.sweep import sweep_report
 
@@ -81,6 +81,8 @@ def run_report(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     report = sweep_report(others, Path(cfg.out).expanduser() if cfg.out else others[0], cfg.plots, list(cfg.ignore),
                           cfg.baseline)
     console.print(tables.rich_table(report.table, report.keys, f"shared settings: {report.shared}" if report.shared else ""))
+    if report.health:
+        console.print(numerics.rich_table(report.health))
     for r in report.table.rows:
         for f in r.failed:
             console.print(f"failed: {f}")

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from fqtrun.commands.common import hydra_choices, run_reporting_errors, task_overrides
 from fqtrun.config import register_configs
+from fqtrun.quant.health import describe
 from fqtrun.runs.train import run_training
 from fqtrun.training.loggers import make_console, summary_table
 from fqtrun.training.trainer import Interrupted
@@ -55,6 +56,10 @@ def print_summary(s: dict, out_dir: Path) -> None:
         rows.insert(4, ("GEMM backend", f"int8 on {n_int8}/{len(backends)} layers (others: see summary.json)"))
     if "gbitops" in s:
         rows.append(("GBitOPs (savings)", f"{s['gbitops']:.1f} ({100 * s['bitops_savings']:.1f}%)"))
+    if s.get("numerics"):
+        rows.append((f"numerics, worst (step {s['numerics_step']})", describe(s["numerics"][0])))
+    if s.get("skipped_steps"):
+        rows.append(("skipped steps (NaN/inf)", str(s["skipped_steps"])))
     console = make_console()
     console.print(summary_table("fqtrun train: summary", rows))
     console.print(f"outputs: {out_dir.resolve()}", soft_wrap=True)

@@ -102,7 +102,7 @@ def convert(
             report.kept[name] = reason
             continue
         new = _swap(module)
-        new.setup_quant(slots, noise, index=i)  # simulate; quant.backends.apply_backend picks another
+        new.setup_quant(slots, noise, index=i, name=name)  # simulate; backends.apply_backend picks another
         _set_submodule(model, name, new)
         report.converted.append(name)
     return report

@@ -42,10 +42,11 @@ class NoiseContext:
 class QuantLayerMixin:
     """Slots, mask, noise context, backend and the record of the last step, shared by the quantized layers."""
 
-    def setup_quant(self, slots: dict, noise: NoiseContext, index: int) -> None:
+    def setup_quant(self, slots: dict, noise: NoiseContext, index: int, name: str | None = None) -> None:
         self.slots = {s: slots.get(s) for s in SLOTS}
         self.noise = noise
         self.index = index
+        self.name = f"#{index}" if name is None else name  # qualified name: errors and logs say it
         self.backend = make_backend("simulate")  # apply_backend swaps it (backends.BACKENDS)
         self.record = RunRecord()  # what the last step ran, filled by the backend (backends.backend_report)
         self.register_buffer("weight_mask", None)

@@ -42,10 +42,31 @@ class MinMaxQuantizer:
         self.bits = check_bits(bits, setting)
         self.granularity = granularity
 
+    def grid_of(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(scale, zero) of x's min-max grid, per tensor or per channel."""
+        return grid.minmax_grid(x, self.bits, keep_dim=0 if self.granularity == "channel" else None)
+
     def codes(self, x: Tensor) -> QuantCodes:
-        keep = 0 if self.granularity == "channel" else None
-        scale, zero = grid.minmax_grid(x, self.bits, keep_dim=keep)
+        scale, zero = self.grid_of(x)
         return QuantCodes(grid.quantize_nearest(x.detach(), scale, zero, self.bits), scale, zero)
+
+    def saturated(self, x: Tensor) -> Tensor:
+        """Elements the clamp to 0..B clips (numerics health): rounding the zero point can leave an end of
+        the range half a step off the grid, e.g. 2 bits on [-1.5, 1.5] (scale 1, zero 2) clips 1.5 to 1.
+        Codes grow with x, so elements are compared only when a grid's smallest or largest one clips."""
+        scale, zero = self.grid_of(x)
+        xd = x.detach()
+        rows = xd.reshape(len(xd), -1) if self.granularity == "channel" else xd.reshape(1, -1)
+        ends = torch.stack([rows.amin(1), rows.amax(1)], 1)  # (grids, 2)
+        big = grid.levels(self.bits)
+
+        def clipped(t: Tensor, s: Tensor, z: Tensor) -> Tensor:
+            u = torch.round(t / s) + z
+            return (u < 0) | (u > big)
+
+        if not bool(clipped(ends, scale.reshape(-1, 1), zero.reshape(-1, 1)).any()):
+            return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+        return clipped(xd, scale, zero)
 
     def __call__(self, x: Tensor) -> Tensor:
         """Fake-quantized x; the backward is the identity (straight-through estimator)."""

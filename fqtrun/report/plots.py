@@ -12,13 +12,14 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from fqtrun.figures import save_figure
+from fqtrun.report import numerics
 from fqtrun.report.collect import Group, Run, headline
 from fqtrun.report.tables import stat
 
 Result = tuple[Path | None, str]
 
 
-def _label(group: Group, keys: list[str], drop: str = "") -> str:
+def group_label(group: Group, keys: list[str], drop: str = "") -> str:
     """The group's values of the settings that vary between groups (`keys`), less `drop`."""
     return " ".join(f"{k}={v}" for k, v in group.key if k in keys and k != drop) or "(defaults)"
 
@@ -45,10 +46,10 @@ def headline_vs_bits(groups: list[Group], keys: list[str], out: Path) -> Result:
             continue
         s = stat([r.summary.get(f"final_test_{name}") for r in done])
         if done[0].config.get("quant") is None:
-            refs.append((_label(g, keys), s.mean))
+            refs.append((group_label(g, keys), s.mean))
         elif isinstance(bits := done[0].config.get("bits"), int):
             std = 0.0 if math.isnan(s.std) else s.std
-            series.setdefault(_label(g, keys, "bits"), []).append((bits, s.mean, std))
+            series.setdefault(group_label(g, keys, "bits"), []).append((bits, s.mean, std))
     if not series:
         return None, f"{word} vs bits: no finished quantized runs (+quant=...)"
     fig = Figure(figsize=(6, 4))
@@ -87,7 +88,7 @@ def headline_curves(groups: list[Group], keys: list[str], out: Path) -> Result:
         stats = [stat([c[x] for c in per_run]) for x in xs]
         mean = [s.mean for s in stats]
         std = [0.0 if math.isnan(s.std) else s.std for s in stats]
-        line, = ax.plot(xs, mean, marker="." if len(xs) < 30 else None, label=_label(g, keys))
+        line, = ax.plot(xs, mean, marker="." if len(xs) < 30 else None, label=group_label(g, keys))
         ax.fill_between(xs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
                         color=line.get_color(), alpha=0.2)
         drawn += 1
@@ -109,7 +110,8 @@ def bit_traces(groups: list[Group], keys: list[str], path: Path) -> Result:
         recs = [r for r in g.done[0].metrics if r.get("split") == "train" and "step" in r]
         for key in sorted({k for r in recs for k in r if k.startswith("bits_")}):
             pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
-            traces.setdefault(key, []).append((_label(g, keys), [p[0] for p in pts], [p[1] for p in pts]))
+            label = group_label(g, keys)
+            traces.setdefault(key, []).append((label, [p[0] for p in pts], [p[1] for p in pts]))
     if not traces:
         return None, "bit-width traces: no bits_* keys in the train records (full-precision runs)"
     fig = Figure(figsize=(6, 2.2 * len(traces)))
@@ -136,7 +138,7 @@ def gradient_variance(groups: list[Group], keys: list[str], runs: list[Run], pat
             sampling += [x["var/sampling"] for x in r.metrics
                          if isinstance(x.get("var/sampling"), (int, float))]
             if q and isinstance(bits := r.config.get("bits"), int):
-                probe.setdefault(_label(g, keys, "bits"), []).append((bits, sum(q) / len(q)))
+                probe.setdefault(group_label(g, keys, "bits"), []).append((bits, sum(q) / len(q)))
     studies = [r for r in runs if r.variance and isinstance(r.variance.get("quantization"), dict)]
     if not probe and not studies:
         return None, "gradient variance: no var/quant records and no variance.json"
@@ -174,3 +176,36 @@ def _study_sampling(data: dict) -> list[float]:
     s = data.get("sampling")
     total = s.get("total") if isinstance(s, dict) else None
     return [total] if isinstance(total, (int, float)) else []
+
+
+HEALTH_PANELS = (("sqnr_db", "SQNR (dB)", 1.0), ("flush", "flushed to zero (%)", 100.0),
+                 ("sat", "saturated (%)", 100.0), ("nonfinite", "non-finite values", 1.0))
+
+
+def numerics_health(runs: list[tuple[str, Run]], path: Path) -> Result:
+    """The numerics-health probes over steps, one line per (layer, slot) of each group's first run (a colour
+    per layer, a line style per slot): SQNR and the flushed fraction always, saturation and non-finite
+    counts when any probe saw some."""
+    lines = [(label, key, per_stat) for label, run in runs for key, per_stat in numerics.series(run).items()]
+    if not lines:
+        return None, "numerics health: no numerics/* records (train with numerics.every=N)"
+    panels = [p for p in HEALTH_PANELS if p[0] in ("sqnr_db", "flush")
+              or any(v for _, _, per in lines for _, v in per.get(p[0], []))]
+    fig = Figure(figsize=(7.5, 2.6 * len(panels)))
+    prefix = len({label for label, _, _ in lines}) > 1
+    styles = {slot: style for slot, style in zip(("w", "a", "dx", "dw"), ("-", "--", "-.", ":"))}
+    colours = {}
+    for label, (layer, _), _ in lines:
+        colours.setdefault((label, layer), f"C{len(colours) % 10}")
+    for i, (name, title, factor) in enumerate(panels, 1):
+        ax = fig.add_subplot(len(panels), 1, i)
+        for label, (layer, slot), per in lines:
+            pts = [(s, v) for s, v in per.get(name, []) if math.isfinite(v)]
+            ax.plot([p[0] for p in pts], [factor * p[1] for p in pts], linestyle=styles.get(slot, "-"),
+                    color=colours[(label, layer)], marker="." if len(pts) <= 30 else None,
+                    label=f"{label}: {layer}/{slot}" if prefix else f"{layer}/{slot}")
+        ax.set(ylabel=title, xlabel="step" if i == len(panels) else None)
+    fig.axes[0].set_title("numerics health per layer/slot (first seed of each group)")
+    fig.axes[0].legend(fontsize=6, ncol=2 if len(lines) > 8 else 1, loc="center left",
+                       bbox_to_anchor=(1.01, 0.5))
+    return save_figure(fig, path, dpi=110), ""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fqtrun.errors import ConfigError
-from fqtrun.report import html, plots, tables
+from fqtrun.report import html, numerics, plots, tables
 from fqtrun.report.collect import Group, find_runs, group_runs, load_run, varying_keys
 
 
@@ -23,6 +23,7 @@ class SweepReport:
     table: tables.Table  # the rows (and the baseline's headline metric, when one was named)
     keys: list[str]  # the settings that vary between groups (the table's first columns)
     shared: str  # the settings every group shares, as overrides
+    health: list  # numerics-health rows at the last probe (report/numerics.py), empty without probes
     figures: list[Path]
     notes: list[str]
     skipped: list[str]
@@ -30,7 +31,7 @@ class SweepReport:
     def as_dict(self) -> dict:
         return {"out": str(self.out), "groups": len(self.groups), "done": sum(len(g.done) for g in self.groups),
                 "failed": sum(len(g.failed) for g in self.groups), "skipped": self.skipped,
-                "figures": [str(f) for f in self.figures], "notes": self.notes}
+                "figures": [str(f) for f in self.figures], "notes": self.notes, "numerics_rows": len(self.health)}
 
 
 def sweep_report(dirs: list[Path], out: Path, draw: bool, ignore: list[str],
@@ -55,12 +56,15 @@ def sweep_report(dirs: list[Path], out: Path, draw: bool, ignore: list[str],
             notes.append(f"group {g.label}: seed {seed} appears {seeds.count(seed)} times (the same run "
                          "reported twice, or two sweeps with the same settings)")
 
+    probed = numerics.represented(groups, lambda g: plots.group_label(g, keys))
+    health = numerics.health_rows(probed)
     figures = []
     if draw:
         for path, why in (plots.headline_vs_bits(groups, keys, out),
                           plots.headline_curves(groups, keys, out),
                           plots.bit_traces(groups, keys, out / "bit_traces.png"),
-                          plots.gradient_variance(groups, keys, runs, out / "gradient_variance.png")):
+                          plots.gradient_variance(groups, keys, runs, out / "gradient_variance.png"),
+                          plots.numerics_health(probed, out / "numerics_health.png")):
             if path:
                 figures.append(path)
             else:
@@ -68,10 +72,16 @@ def sweep_report(dirs: list[Path], out: Path, draw: bool, ignore: list[str],
 
     shared = " ".join(f"{k}={v}" for k, v in common.items())
     title = "fqtrun report: " + ", ".join(map(str, dirs))
-    (out / "report.md").write_text(_markdown(title, table, keys, shared, figures, notes, skipped), encoding="utf-8")
+    (out / "report.md").write_text(_markdown(title, table, keys, shared, figures, notes, skipped, health),
+                                   encoding="utf-8")
     tables.write_csv(out / "report.csv", table, keys)
-    (out / "report.html").write_text(html.page(title, table, keys, common, figures, notes, skipped), encoding="utf-8")
-    return SweepReport(out, groups, table, keys, shared, figures, notes, skipped)
+    sections = [(HEALTH_TITLE, numerics.html_table(health))] if health else []
+    (out / "report.html").write_text(html.page(title, table, keys, common, figures, notes, skipped, sections),
+                                     encoding="utf-8")
+    return SweepReport(out, groups, table, keys, shared, health, figures, notes, skipped)
+
+
+HEALTH_TITLE = f"Numerics health at the last probe (worst {numerics.TOP} layer/slot pairs per group first)"
 
 
 def _baseline(folder: str | None) -> list | None:
@@ -86,13 +96,15 @@ def _baseline(folder: str | None) -> list | None:
     return done
 
 
-def _markdown(title, table, keys, shared, figures, notes, skipped) -> str:
+def _markdown(title, table, keys, shared, figures, notes, skipped, health) -> str:
     parts = [f"# {title}", "", "Mean ± sample standard deviation over seeds.", ""]
     if shared:
         parts += [f"Shared settings: `{shared}`", ""]
     if table.baseline:
         parts += [f"Gap to the baseline: its mean final test {table.baseline[0]} is {table.baseline[1]:.4f}.", ""]
     parts += [tables.markdown(table, keys), ""]
+    if health:
+        parts += [f"## {HEALTH_TITLE}", "", numerics.markdown(health), ""]
     failed = [f for r in table.rows for f in r.failed]
     for name, items in (("Failed runs", failed), ("Skipped", skipped), ("Notes", notes)):
         if items:

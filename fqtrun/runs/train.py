@@ -132,10 +132,11 @@ def _train(cfg: DictConfig, out_dir: Path, dist: SingleProcess, overrides: list[
     )
     if ckpt is not None:
         trainer.load_state(ckpt)
+        trainer.last_checkpoint = out_dir / "last.pt"  # the last good one, until the trainer writes another
         console.print(f"resuming {out_dir} at epoch {trainer.state.epoch}, step {trainer.state.step}")
     try:
         state = trainer.fit()
-    except Interrupted:
+    except (Interrupted, FqtrunError):  # a signal, or a stop (non-finite values): close what was written
         jsonl.close()
         if wandb is not None:
             wandb.close()

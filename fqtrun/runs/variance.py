@@ -30,11 +30,12 @@ from fqtrun.analysis.variance import (
     measure_variance,
 )
 from fqtrun.build import build_model, build_task, checkpoint_path, load_weights, pick_device, quantize_model
-from fqtrun.errors import ConfigError
+from fqtrun.errors import ConfigError, NumericsError
 from fqtrun.files import write_json
 from fqtrun.quant.bits import check_bits
 from fqtrun.quant.gradient import make_gradient_quantizer
 from fqtrun.quant.layers import NoiseContext
+from fqtrun.quant.numerics import NonFiniteError
 from fqtrun.quant.quantizers import GRANULARITIES
 from fqtrun.quant.recipe import DW_QUANTIZERS, QuantConfig
 from fqtrun.training.checkpoint import load_checkpoint
@@ -131,7 +132,12 @@ def run_study(cfg: DictConfig, out_dir: Path, model_name: str) -> tuple[dict, Ta
     batches = held_batches(bundle.train, v.batch_size, v.batches, cfg.seed)
     bits = sorted({int(b) for b in v.bits})
     setups = {(q, b): fqt_slots(q, b, v.dw_quantizer, v.dw_bits) for q in names for b in bits}
-    res = measure_variance(model, batches, setups, k=v.k, loss_fn=build_task(cfg, bundle).loss, seed=cfg.seed)
+    try:
+        res = measure_variance(model, batches, setups, k=v.k, loss_fn=build_task(cfg, bundle).loss, seed=cfg.seed)
+    except NonFiniteError as err:
+        source = f"checkpoint {checkpoint_path(cfg.checkpoint)}" if cfg.checkpoint else "the fresh model"
+        raise NumericsError(f"{err} while measuring the gradient variance of {source}: pass the checkpoint "
+                            "of a run that trained without NaN/inf (an earlier one)") from err
 
     settings = {
         "model": model_name, "dataset": bundle.name, "checkpoint": str(checkpoint_path(cfg.checkpoint))

@@ -48,6 +48,35 @@ class Hook:
         pass
 
 
+class PeriodicProbe(Hook):
+    """A measurement on steps every, 2 every, ... (`measure(step) -> metrics`, which also sets `last`, what
+    the summary reports). The trainer adds hook metrics only to the records it logs (every log_every steps),
+    so the metrics are held until the next logged step; a newer measurement replaces them."""
+
+    def __init__(self, every: int, log_every: int):
+        self.every, self.log_every = every, max(1, log_every)
+        self.pending: dict = {}
+        self.last: dict = {}
+
+    def measure(self, step: int) -> dict:
+        raise NotImplementedError
+
+    def after_step(self, step: int, batch: dict) -> dict:
+        if step % self.every == 0:
+            self.pending = self.measure(step)
+        out = self.pending
+        if step % self.log_every == 0:
+            self.pending = {}
+        return out
+
+    def state_dict(self) -> dict:
+        return {"pending": dict(self.pending), "last": dict(self.last)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pending = dict(state.get("pending", {}))
+        self.last = dict(state.get("last", {}))
+
+
 @dataclass(frozen=True)
 class RunFacts:
     """What a hook may need to know about the run besides its own settings."""

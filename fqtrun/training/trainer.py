@@ -21,6 +21,7 @@ from torch import nn
 from fqtrun.data.loader import make_loader
 from fqtrun.errors import CheckpointError, TrainingError
 from fqtrun.quant.grid import mix_seed
+from fqtrun.quant.numerics import NonFiniteError
 from fqtrun.training.checkpoint import model_signature, save_checkpoint
 from fqtrun.training.distributed import SingleProcess
 from fqtrun.training.hooks import Hook
@@ -203,19 +204,18 @@ class Trainer:
             g["lr"] = base * factor
         for h in self.hooks:
             h.before_step(st.step)
-        out = self.train_model(x)
-        global_n = min(s.batch_size, len(self.train_set) - st.batch * s.batch_size)  # this step's batch
-        loss, value, sums, n = self.dist.batch_loss(self.task, out, y, global_n)
-        batch = {**self.task.metrics(value * n, sums, n), "loss": value}
-        self.optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(value):
-            if s.nan_policy == "skip":
-                st.skipped_steps += 1
-                return None, {}, 0, batch
-            where = self.last_checkpoint or "none written yet"
-            raise TrainingError(f"loss is {value} at step {st.step} (epoch {st.epoch}); last good checkpoint: "
-                                f"{where}; lower optim.lr, raise the bits, or set nan_policy=skip")
-        loss.backward()
+        try:  # a quantizer meeting NaN/inf in a layer's input, weights or dY raises NonFiniteError
+            out = self.train_model(x)
+            global_n = min(s.batch_size, len(self.train_set) - st.batch * s.batch_size)  # this step's batch
+            loss, value, sums, n = self.dist.batch_loss(self.task, out, y, global_n)
+            batch = {**self.task.metrics(value * n, sums, n), "loss": value}
+            self.optimizer.zero_grad(set_to_none=True)
+            if not math.isfinite(value):
+                return self._non_finite(f"loss is {value}", "lower optim.lr, raise the bits", batch)
+            loss.backward()
+        except NonFiniteError as err:
+            self.optimizer.zero_grad(set_to_none=True)  # a backward stopped midway leaves partial gradients
+            return self._non_finite(str(err), "lower optim.lr, check the data for NaN/inf", {})
         for h in self.hooks:
             h.after_backward(st.step)
         if s.grad_clip > 0:
@@ -223,6 +223,16 @@ class Trainer:
         self.optimizer.step()
         st.last_train_loss = value
         return value, sums, n, batch
+
+    def _non_finite(self, what: str, fix: str, batch: dict) -> tuple[None, dict, int, dict]:
+        """nan_policy on a step that met NaN/inf: skip (count it, no optimizer step) or stop with one line
+        naming the step as metrics.jsonl numbers it (1-based)."""
+        st = self.state
+        if self.s.nan_policy == "skip":
+            st.skipped_steps += 1
+            return None, {}, 0, batch
+        raise TrainingError(f"{what} at step {st.step + 1} (epoch {st.epoch}); last good checkpoint: "
+                            f"{self.last_checkpoint or 'none written yet'}; {fix}, or set nan_policy=skip")
 
     def _log_train(self, extra: dict) -> None:
         st = self.state
@@ -237,7 +247,12 @@ class Trainer:
         for h in self.hooks:
             h.before_eval()
         was_training = self.model.training
-        metrics = self.task.evaluate(self.model, self.test_set, self.s.eval_batch_size, self.device)
+        try:
+            metrics = self.task.evaluate(self.model, self.test_set, self.s.eval_batch_size, self.device)
+        except NonFiniteError as err:  # no step to skip: evaluation stops under either nan_policy
+            raise TrainingError(f"{err} while evaluating after step {self.state.step}; last good checkpoint: "
+                                f"{self.last_checkpoint or 'none written yet'}; lower optim.lr (the weights "
+                                "may have blown up) or check the data for NaN/inf") from None
         self.model.train(was_training)
         for h in self.hooks:
             h.after_eval()

@@ -216,7 +216,7 @@ def test_command_loads_a_checkpoint_and_refuses_another_model(tmp_path):
 
 @pytest.mark.parametrize(("override", "message"), [
     ("variance.quantizers=[per_tensor,stochastic]", "unknown quantizer 'stochastic'.*per_tensor, per_sample, householder"),
-    ("variance.bits=[1,4]", r"variance.bits=1 .*use 2\.\.16 bits"),
+    ("variance.bits=[1,4]", r"variance.bits=1 .*out of range: use 2\.\.16 bits"),
     ("variance.dw_quantizer=householder", "variance.dw_quantizer"),
     ("variance.batches=1", "variance.batches=1 must be >= 2"),
 ])

@@ -76,16 +76,17 @@ def test_int8_backend_notices_activation_weight_and_gradient(kind, value, monkey
     layer, shape = LAYERS[kind]
     torch.manual_seed(0)
     x = torch.randn(shape)
-    with pytest.raises(NonFiniteError, match="in the activation"):
+    # the backend names the layer and the slot (quant/health.py named_slot)
+    with pytest.raises(NonFiniteError, match="in the input of layer 0, slot a"):
         int8_model(layer)(poisoned(shape, value, (1, 2)))
     m = int8_model(layer)
     with torch.no_grad():
         m[0].weight[0, 1] = value
-    with pytest.raises(NonFiniteError, match="in the weight"):
+    with pytest.raises(NonFiniteError, match="in the weights of layer 0, slot w"):
         m(x)
     m = int8_model(layer)
     y = m(x.requires_grad_())
     gy = torch.randn(y.shape)
     gy.view(-1)[5] = value
-    with pytest.raises(NonFiniteError, match="in the gradient"):
+    with pytest.raises(NonFiniteError, match="in the output gradient of layer 0, slot dx"):
         y.backward(gy)

@@ -9,9 +9,12 @@ grad_seed(slot), the Linear/Conv geometry) and never assigns the layer's attribu
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from fqtrun.quant import health
 
 Tensor = torch.Tensor
 
@@ -29,6 +32,13 @@ class RunRecord:
 
     bits: dict[str, int | None] = field(default_factory=lambda: {s: None for s in SLOTS})
     gemms: dict[str, str] = field(default_factory=dict)  # "fwd" | "dx" | "dw" -> "int8", "fp32 (why)", ...
+    probe: bool = False  # the numerics-health hook's probe step: the backend measures every slot
+    health: dict[str, Tensor] = field(default_factory=dict)  # slot -> quant.health.measure sums
+
+    def measure(self, slot: str, q, x: Tensor, x_hat: Callable[[], Tensor]) -> None:
+        """On a probe step, the health sums of `slot`'s quantization of x (x_hat() gives the quantized x)."""
+        if self.probe:
+            self.health[slot] = health.measure(x, x_hat(), q)
 
     def use(self, slot: str, q):
         """Note that `slot` runs with quantizer q (None: full precision) at its current bits; returns q."""

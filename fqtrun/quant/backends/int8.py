@@ -36,6 +36,7 @@ from fqtrun.quant.backends.base import Backend, RunRecord
 from fqtrun.quant.backends.int_gemm import gemm_input, int8_gemm
 from fqtrun.quant.backends.simulate import Simulate
 from fqtrun.quant.gradient import quantize_pair
+from fqtrun.quant.health import named_slot
 from fqtrun.quant.quantizers import MinMaxQuantizer
 
 Tensor = torch.Tensor
@@ -191,9 +192,18 @@ def _grad_codes(layer, record: RunRecord, g2: Tensor, slots: tuple[str, ...]) ->
     from one range pass and one SR pass where the quantizers allow (gradient.quantize_pair)."""
     qs = {s: record.use(s, layer.slots[s]) for s in slots}
     if len(slots) == 2 and all(q is not None for q in qs.values()):
-        dx, dw = quantize_pair(qs["dx"], qs["dw"], g2, layer.grad_seed("dx"), layer.grad_seed("dw"))
-        return {"dx": dx, "dw": dw}
-    return {s: None if q is None else q.quantize(g2, layer.grad_seed(s)) for s, q in qs.items()}
+        with named_slot(layer, record, "dx", g2):  # one dY for both: a NaN in it is named as dX's
+            dx, dw = quantize_pair(qs["dx"], qs["dw"], g2, layer.grad_seed("dx"), layer.grad_seed("dw"))
+        codes = {"dx": dx, "dw": dw}
+    else:
+        codes = {}
+        for s, q in qs.items():
+            with named_slot(layer, record, s, g2):
+                codes[s] = None if q is None else q.quantize(g2, layer.grad_seed(s))
+    for s, gc in codes.items():
+        if gc is not None:
+            record.measure(s, qs[s], g2, gc.dequantize)
+    return codes
 
 
 def _grad_matrix(gc, g2: Tensor, need_row_grid: bool) -> tuple[IntOperand, object | None, str | None]:
@@ -301,14 +311,20 @@ def _conv_refusal(layer) -> str | None:
 def _activation_operand(layer, record: RunRecord, x: Tensor, compile: bool) -> IntOperand:
     """Slot a's per-tensor operand of x (any shape: the codes keep it)."""
     qa = record.use("a", layer.slots["a"])
-    scale, zero = grid.minmax_grid(x, qa.bits, what="activation")
+    with named_slot(layer, record, "a", x):
+        scale, zero = grid.minmax_grid(x, qa.bits, what="activation")
     c = fused.nearest_int8(x, scale, zero, qa.bits, compile=compile)
-    return IntOperand(c.q, _alpha(zero).view(1, 1), scale.float().view(1, 1), rowsum=c.rowsum, colsum=c.colsum)
+    op = IntOperand(c.q, _alpha(zero).view(1, 1), scale.float().view(1, 1), rowsum=c.rowsum, colsum=c.colsum)
+    record.measure("a", qa, x, op.dequantize)
+    return op
 
 
 def _weight_operand(layer, record: RunRecord, w2: Tensor, compile: bool) -> IntOperand:
     qw = record.use("w", layer.slots["w"])
-    return forward_operand(qw, w2, per_row=qw.granularity == "channel", compile=compile)
+    with named_slot(layer, record, "w", w2):
+        op = forward_operand(qw, w2, per_row=qw.granularity == "channel", compile=compile)
+    record.measure("w", qw, w2, op.dequantize)
+    return op
 
 
 class Int8Linear(torch.autograd.Function):

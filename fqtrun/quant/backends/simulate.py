@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fqtrun.quant.backends.base import Backend, RunRecord
+from fqtrun.quant.health import named_slot
 
 Tensor = torch.Tensor
 
@@ -37,9 +38,15 @@ class Simulate(Backend):
         return "simulate"
 
 
-def _fake_quant(layer, record: RunRecord, slot: str, t: Tensor) -> Tensor:
+def _fake_quant(layer, record: RunRecord, slot: str, t: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Slot `slot` quantizes t; a mask goes to a quantizer that fits against the dense t (ridge)."""
     q = record.use(slot, layer.slots[slot])
-    return t if q is None else q(t)
+    if q is None:
+        return t
+    with named_slot(layer, record, slot, t):
+        t_hat = q(t) if mask is None else q(t, mask=mask)
+    record.measure(slot, q, t if mask is None else t * mask, lambda: t_hat)
+    return t_hat
 
 
 def quantized_operands(layer, x: Tensor, record: RunRecord) -> tuple[Tensor, Tensor]:
@@ -47,8 +54,8 @@ def quantized_operands(layer, x: Tensor, record: RunRecord) -> tuple[Tensor, Ten
     qw = layer.slots["w"]
     if layer.weight_mask is not None and getattr(qw, "takes_mask", False):
         # a quantizer that fits against the dense W (ridge, spec/denoise_bn.md A) gets W and the mask
-        record.use("w", qw)
-        return _fake_quant(layer, record, "a", x), qw(layer.weight, mask=layer.weight_mask)
+        x_hat = _fake_quant(layer, record, "a", x)
+        return x_hat, _fake_quant(layer, record, "w", layer.weight, mask=layer.weight_mask)
     return _fake_quant(layer, record, "a", x), _fake_quant(layer, record, "w", layer.masked_weight())
 
 
@@ -57,7 +64,10 @@ def quantize_grad(layer, record: RunRecord, slot: str, g: Tensor) -> Tensor:
     q = record.use(slot, layer.slots[slot])
     if q is None:
         return g
-    return q(g, layer.grad_seed(slot))
+    with named_slot(layer, record, slot, g):
+        g_hat = q(g, layer.grad_seed(slot))
+    record.measure(slot, q, g, lambda: g_hat)
+    return g_hat
 
 
 def gemm(layer, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
