@@ -76,7 +76,9 @@ def quantize_model(recipe: QuantConfig | None, sparse: bool, model: nn.Module,
         return None
     factory = slot_factory(recipe) if recipe is not None else (lambda slot, module: None)
     report = convert(model, factory, noise, keep_first=bool(recipe and recipe.keep_first),
-                     keep_last=bool(recipe and recipe.keep_last), exclude=list(recipe.exclude) if recipe else [])
+                     keep_last=bool(recipe and recipe.keep_last), exclude=list(recipe.exclude) if recipe else [],
+                     keep_first_blocks=recipe.keep_first_blocks if recipe else 0,
+                     keep_last_blocks=recipe.keep_last_blocks if recipe else 0)
     if recipe is not None:
         apply_backend(model, recipe.backend, compile=recipe.compile)
     return report

@@ -28,6 +28,7 @@ import torch
 from fqtrun.quant import fused, grid
 from fqtrun.quant.backends.base import Backend, RunRecord
 from fqtrun.quant.backends.simulate import Simulate
+from fqtrun.quant.formats.quantizer import FormatQuantizer
 from fqtrun.quant.quantizers import MinMaxQuantizer
 
 Tensor = torch.Tensor
@@ -231,7 +232,10 @@ class Auto(Int8):
 
 
 def _operand_refusal(layer) -> str | None:
-    """Why the forward operands (slots a, w) have no int8 codes, or None."""
+    """Why the forward operands (slots a, w) have no int8 codes (or a slot holds a number format), or None."""
+    for s, q in layer.slots.items():
+        if isinstance(q, FormatQuantizer):
+            return f"slot {s}: {q.name} is a number format, not an integer grid"
     if getattr(layer.slots["w"], "takes_mask", False):
         return "weight quantizer fits against the dense weight"
     for s in ("a", "w"):
