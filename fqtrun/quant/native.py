@@ -36,13 +36,12 @@ from fqtrun.quant.grid import levels, seed_keys
 
 Tensor = torch.Tensor
 
-_SOURCE = r"""
+# C of grid.uniform_noise, shared by every kernel that rounds stochastically
+NOISE_C = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-#define BLOCK 128  /* columns per block: the block's group sums (n x BLOCK floats) stay in cache */
 
 /* grid.uniform_noise of flat element i < 2^32: lowbias32(i ^ k1) ^ k2, top 24 bits times 2^-24
    (32-bit arithmetic: the int64 form keeps only the low 32 bits of every product). */
@@ -56,6 +55,10 @@ static inline float noise_at(uint32_t i, uint32_t k1, uint32_t k2) {
     h ^= k2;
     return (float)(int32_t)(h >> 8) * 0x1p-24f;
 }
+"""
+
+_SOURCE = NOISE_C + r"""
+#define BLOCK 128  /* columns per block: the block's group sums (n x BLOCK floats) stay in cache */
 
 /* For a (n, k) row-major y, over blocks of BLOCK columns:
    - without a grid (inv == NULL): x = y;
@@ -157,35 +160,42 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The compiled kernel (built once per source, compiler and machine), or None with a warning."""
+def build_library(name: str, source: str) -> ctypes.CDLL | None:
+    """C `source` compiled for this machine and loaded, cached by source, compiler and CPU; None with a
+    warning when there is no compiler or the build fails (FQTRUN_NATIVE=0 turns every kernel off)."""
     cc = _compiler()
     if cc is None or os.environ.get("FQTRUN_NATIVE", "1") == "0":
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
         flags = _flags()
-        parts = [_SOURCE, *flags, version, platform.machine(), *_cpu_flags()]
+        parts = [source, *flags, version, platform.machine(), *_cpu_flags()]
         key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-        path = _cache_dir() / f"bhq-{key}.so"
+        path = _cache_dir() / f"{name}-{key}.so"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                src, lib = Path(tmp) / "bhq.c", Path(tmp) / "bhq.so"
-                src.write_text(_SOURCE)
+                src, lib = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
+                src.write_text(source)
                 subprocess.run([cc, *flags, str(src), "-o", str(lib), "-lm"], check=True, capture_output=True,
                                text=True, timeout=120)
                 os.replace(lib, path)  # atomic: parallel sweep jobs may build it at the same time
-        so = ctypes.CDLL(str(path))
+        return ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", "") or err
+        warnings.warn(f"{name} native kernel unavailable ({str(detail)[:200]}); using the torch form")
+        return None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled BHQ kernel (built once per source, compiler and machine), or None with a warning."""
+    so = build_library("bhq", _SOURCE)
+    if so is not None:
         so.bhq_kernel.restype = ctypes.c_int
         so.bhq_kernel.argtypes = ([ctypes.c_void_p] * 10 + [ctypes.c_float, ctypes.c_uint32, ctypes.c_uint32,
                                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int])
-        return so
-    except (OSError, subprocess.SubprocessError) as err:
-        detail = getattr(err, "stderr", "") or err
-        warnings.warn(f"BHQ native kernel unavailable ({str(detail)[:200]}); using the torch form")
-        return None
+    return so
 
 
 def _ptr(t: Tensor | None) -> int | None:

@@ -221,7 +221,7 @@ def validate_formats(cfg: QuantConfig) -> None:
 def format_slot(cfg: QuantConfig, slot: str) -> FormatQuantizer:
     """The FormatQuantizer of a float-format slot (its format, rounding and GEMM transform)."""
     return FormatQuantizer(slot_number_format(cfg, slot), slot_rounding(cfg, slot), slot_transform(cfg, slot),
-                           dim=SLOT_DIMS[slot], compile=cfg.compile, setting=f"quant.format_{slot}")
+                           dim=SLOT_DIMS[slot], setting=f"quant.format_{slot}")
 
 
 def slot_factory(cfg: QuantConfig):

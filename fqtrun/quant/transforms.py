@@ -8,8 +8,9 @@ The random Hadamard transform with block g acts on the vectors of x along `dim`,
 so a GEMM reducing over k gives the same product when both operands are transformed along k with
 the same key: (A R)(R^T B) = A B, R^T B being forward(B, 0, key) for B's rows along k. A length
 that is not a multiple of g is zero-padded (the padded product is unchanged), so forward returns
-dim rounded up to a multiple of g and inverse takes that length back. The cost is one (g x g)
-GEMM per block of g, never a dense k x k matrix. The signs are grid.uniform_noise of the key:
+dim rounded up to a multiple of g and inverse takes that length back. A fast Walsh-Hadamard
+transform, O(log g) per element, never a dense matrix (in C, fused with the quantization that
+follows, quant/formats/kernel.py). The signs are grid.uniform_noise of the key:
 a pure function of (seed, step, draw, layer, GEMM) for fresh signs, or without step and draw for
 fixed ones, so a resumed run replays them. BHQ (quant/gradient.py) is the data-dependent relative
 that transforms rows instead (it is applied inside its own gradient quantizer).
@@ -17,7 +18,6 @@ that transforms rows instead (it is applied inside its own gradient quantizer).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -32,13 +32,17 @@ RHT_BLOCKS = (16, 32, 64, 128)
 SIGNS = ("step", "fixed")  # fresh signs every step (and draw), or one set per layer and GEMM
 
 
-@functools.cache
-def hadamard(g: int, device: str = "cpu") -> Tensor:
-    """H_g / sqrt(g) (float32, symmetric, orthogonal) for g a power of two (Sylvester's construction)."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < g:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / math.sqrt(g)).to(torch.float32).to(device)
+def fwht(xb: Tensor) -> Tensor:
+    """Unnormalised fast Walsh-Hadamard transform of xb (A, n, g, B) along axis 2: x H_g, butterflies
+    (u + v, u - v) for h = 1, 2, ..., g/2 (quant/formats/kernel.py runs the same operations)."""
+    a, n, g, b = xb.shape
+    h = 1
+    while h < g:
+        v = xb.reshape(a, n, g // (2 * h), 2, h, b)
+        u, w = v[:, :, :, 0], v[:, :, :, 1]
+        xb = torch.stack((u + w, u - w), dim=3).reshape(a, n, g, b)
+        h *= 2
+    return xb
 
 
 @dataclass(frozen=True)
@@ -78,16 +82,18 @@ class RandomHadamard:
             x3 = F.pad(x3, (0, 0, 0, n - length))
         return x3.view(a, n // self.block, self.block, b), (a, n, b)
 
+    @property
+    def rsqrt(self) -> float:
+        """1 / sqrt(g) as the float32 factor both the torch and the C forms multiply by."""
+        return float(torch.tensor(1.0 / math.sqrt(self.block), dtype=torch.float32))
+
     def _apply(self, x: Tensor, dim: int, key: int, inverse: bool) -> Tensor:
         xb, (a, n, b) = self._blocks(x.float(), dim)
-        h = hadamard(self.block, str(x.device))
         sigma = self.sign_vector(n, key, x.device).view(1, n // self.block, self.block, 1)
-        if inverse:  # y R^T = (y * sigma) H / sqrt(g)
-            xb = xb * sigma
-        # H is symmetric: per block, out[j] = sum_i H[j, i] x[i]; one small GEMM per block
-        out = torch.matmul(h, xb) if b > 1 else (xb.squeeze(-1) @ h).unsqueeze(-1)
-        if not inverse:  # x R = (x H / sqrt(g)) * sigma
-            out = out * sigma
+        if inverse:  # y R^T = ((y * sigma) H) / sqrt(g)
+            out = fwht(xb * sigma) * self.rsqrt
+        else:  # x R = ((x H) / sqrt(g)) * sigma
+            out = (fwht(xb) * self.rsqrt) * sigma
         d = dim % x.dim()
         return out.reshape(*x.shape[:d], n, *x.shape[d + 1:]).to(x.dtype)
 

@@ -190,8 +190,7 @@ def _backward_operand(layer, slot: str, fp: Tensor, fwd: Tensor, dim: int, gemm:
     """W (dX GEMM, dim 0) or X (dW GEMM, dim 0) as that GEMM's operand (see the module docstring)."""
     q = layer.slots[slot]
     if isinstance(q, FormatQuantizer) and (transform is not None or not q.orientation_free):
-        src = fp if transform is None else transform.forward(fp, dim, key)
-        return q.fake(src, dim, _slot_seed(layer, slot, gemm))
+        return q.fake(fp, dim, _slot_seed(layer, slot, gemm), transform, key)
     return fwd if transform is None else transform.forward(fwd, dim, key)
 
 
@@ -205,8 +204,7 @@ def _grad_operand(layer, record: RunRecord, slot: str, g: Tensor, dim: int, conv
         return (conv_grad_view(g, slot, lambda m: q(m, seed)) if conv else q(g, seed)), None, None
     t = q.transform
     key = None if t is None else layer.transform_key(GEMM_IDS[slot], t.fresh)
-    src = g if t is None else t.forward(g, dim, key)
-    return q.fake(src, dim, layer.grad_seed(slot)), t, key
+    return q.fake(g, dim, layer.grad_seed(slot), t, key), t, key
 
 
 class PerGemm(torch.autograd.Function):

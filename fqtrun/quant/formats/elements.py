@@ -74,7 +74,7 @@ class FloatElement:
             q = torch.ceil(u)
         else:
             raise ValueError(f"rounding={mode!r} is unknown: use nearest or stochastic")
-        return torch.copysign((q * step).clamp(max=self.max), v)
+        return torch.copysign(q * step, v)  # <= max: max is a grid value
 
     def values(self) -> Tensor:
         """Every finite non-negative grid value, ascending (float32)."""

@@ -6,7 +6,8 @@
 
 Pure functions of (x, dim, rounding, seed): stochastic rounding draws grid.uniform_noise of the
 element's flat index in the (padded) block view. `fake` is the fused quantize-dequantize the
-training path runs, eager or through one torch.compile'd kernel (`compile=True`, same values).
+training path runs: one C kernel pass (kernel.py) where it builds, else these torch operations
+(the same values bit for bit).
 With floor E8M0 scales and stochastic rounding the elements are multiplied by 3/4 before rounding
 and divided after (Tseng et al.): the block maximum cannot clip, so SR stays unbiased.
 """
@@ -14,17 +15,17 @@ and divided after (Tseng et al.): the block maximum cannot clip, so SR stays unb
 from __future__ import annotations
 
 import dataclasses
-import functools
-import warnings
+import math
 from dataclasses import dataclass
 
 import torch
 
-from fqtrun.quant.formats import scales
+from fqtrun.quant.formats import kernel, scales
 from fqtrun.quant.formats.blocks import Layout, layout
 from fqtrun.quant.formats.elements import E4M3, ROUNDINGS, FloatElement
-from fqtrun.quant.grid import index_noise, seed_keys
-from fqtrun.quant.numerics import check_range
+from fqtrun.quant.grid import seed_keys, uniform_noise
+from fqtrun.quant.numerics import NonFiniteError, check_range
+from fqtrun.quant.transforms import RandomHadamard
 
 Tensor = torch.Tensor
 
@@ -103,41 +104,78 @@ class Format:
             out = dataclasses.replace(out, two_d=True)
         return out
 
-    def layout_of(self, x: Tensor, dim: int) -> Layout:
-        return layout(tuple(x.shape), dim, self.scaling, self.block, self.two_d)
-
     def prescale(self, rounding: str) -> float:
         return SR_PRESCALE if rounding == "stochastic" and self.scale == "e8m0" and self.rule == "floor" else 1.0
 
     # ----- the passes ------------------------------------------------------------------------
     def fake(self, x: Tensor, dim: int = -1, rounding: str = "nearest", seed: int = 0,
-             compile: bool = False) -> Tensor:
-        """Quantize-dequantize x along dim in one pass (x's shape and dtype)."""
-        xb, lay = self._blocks(x, dim, rounding)
-        if xb is None:
-            return x.clone()
-        keys = _keys(seed, xb.device) if rounding == "stochastic" else None
-        if compile:
-            try:
-                y, amax = _compiled(self, rounding)(xb, keys)
-            except Exception as err:  # noqa: BLE001 (no compiler, unsupported device: stay correct, eager)
-                warnings.warn(f"{self.name}: torch.compile failed ({err!r:.200}); running eager")
-                compile = False
-        if not compile:
-            y, amax = _fake_blocks(xb, keys, self, rounding)
+             transform: RandomHadamard | None = None, key: int = 0) -> Tensor:
+        """Quantize-dequantize x along dim, after `transform` along dim with `key` if given (then dim
+        has the transform's padded length), in one pass where the C kernel runs; x's dtype."""
+        self._check(x, dim, rounding)
+        if x.numel() == 0:
+            return x.clone() if transform is None else transform.forward(x, dim, key)
+        xf = x.detach().float().contiguous()
+        d = dim % x.dim() if x.dim() else 0
+        if x.dim() and kernel.usable(xf):
+            return self._kernel_fake(xf, d, rounding, seed, transform, key).to(x.dtype)
+        if transform is not None:
+            xf = transform.forward(xf, d, key)
+        xb, lay = self._blocks(xf, d)
+        y, amax = _fake_blocks(xb, seed if rounding == "stochastic" else None, self, rounding)
         check_range(amax)
         return lay.from_blocks(y).to(x.dtype)
 
+    def _kernel_fake(self, xf: Tensor, d: int, rounding: str, seed: int, transform: RandomHadamard | None,
+                     key: int) -> Tensor:
+        """fake() through the C kernel (the torch path's values): one pass, or two where the scales need
+        the whole transformed tensor first (its amax, or tiles across dim): then the transform runs as
+        its own pass and the quantization overwrites its output."""
+        shape = tuple(xf.shape)
+        a, length, b = math.prod(shape[:d]), shape[d], math.prod(shape[d + 1:])
+        out_len = length if transform is None else transform.padded(length)
+        out_shape = (*shape[:d], out_len, *shape[d + 1:])
+        src, rht, g, into = xf.view(a, length, b), None, 0, None
+        tamax, fixed = 0.0, self.scaling == "tensor"
+        if transform is not None:
+            rht = (transform.block, transform.rsqrt, transform.sign_vector(out_len, key, xf.device))
+            if fixed or self.scale == "e4m3" or (self.two_d and (d != 0 or len(shape) < 2)):
+                src, bad, tamax = kernel.run(src, out_len, out_len, b, transform.block, transform.block, 1, rht,
+                                             self.element, "none", 0, 0.0, False, 1.0, "nearest", (0, 0))
+                _raise_if(bad)
+                rht, length, into = None, out_len, src
+            else:
+                g = transform.block
+        elif fixed or self.scale == "e4m3":
+            tamax, bad = kernel.amax(xf)
+            _raise_if(bad)
+        lay = layout(out_shape, d, self.scaling, self.block, self.two_d)
+        kind = self.rule if self.scale == "e8m0" else self.scale
+        common = (self.element, kind, self.element.emax, tamax, fixed, self.prescale(rounding), rounding,
+                  seed_keys(seed))
+        if fixed:
+            n = src.numel()
+            x3, args = src.view(1, n, 1), (n, n, 1, 256, 256, 1)
+        elif self.two_d:
+            (rows, cols), (rq, cq) = lay.flat, lay.padded
+            x3, args = src.reshape(1, -1, cols), (rows, rq, cq, max(self.block, g), self.block, self.block)
+        else:
+            k = out_len if self.scaling == "row" else self.block
+            x3, args = src, (out_len, lay.padded[1], b, max(k, g), k, 1)
+        y, bad, _ = kernel.run(x3, *args, rht, *common, out=None if into is None else x3)
+        _raise_if(bad)
+        return y.view(out_shape)
+
     def quantize(self, x: Tensor, dim: int = -1, rounding: str = "nearest", seed: int = 0) -> Quantized:
-        """Codes and scales of x along dim (dequantize() == fake(x, dim, rounding, seed))."""
-        xb, lay = self._blocks(x, dim, rounding)
-        if xb is None:
+        """Codes and scales of x along dim (dequantize() == fake(x, dim, rounding, seed)); the torch path."""
+        self._check(x, dim, rounding)
+        if x.numel() == 0:
             raise ValueError(f"{self.name}: cannot quantize an empty tensor (shape {tuple(x.shape)})")
-        keys = _keys(seed, xb.device) if rounding == "stochastic" else None
+        xb, lay = self._blocks(x.detach().float(), dim % x.dim() if x.dim() else 0)
         amax, tamax = _amax(xb, lay.axes)
         check_range(tamax)
         v, scale, block, t_scale = _scaled(xb, amax, tamax, self, rounding)
-        elems = self.element.round(v, rounding, _noise(xb, keys))
+        elems = self.element.round(v, rounding, _noise(xb, seed if rounding == "stochastic" else None))
         codes = lay.from_blocks(self.element.encode(elems))
         shape = lay.scale_shape
         if self.scale == "e8m0":
@@ -152,15 +190,16 @@ class Format:
 
     def saturated(self, x: Tensor, dim: int = -1, rounding: str = "nearest") -> Tensor:
         """bool, x's shape: elements beyond the largest element value after scaling (clipped to it)."""
-        xb, lay = self._blocks(x, dim, rounding)
-        if xb is None:
+        self._check(x, dim, rounding)
+        if x.numel() == 0:
             return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+        xb, lay = self._blocks(x.detach().float(), dim % x.dim() if x.dim() else 0)
         amax, tamax = _amax(xb, lay.axes)
         check_range(tamax)
         v = _scaled(xb, amax, tamax, self, rounding)[0]
         return lay.from_blocks(v.abs() > self.element.max)
 
-    def _blocks(self, x: Tensor, dim: int, rounding: str) -> tuple[Tensor | None, Layout]:
+    def _check(self, x: Tensor, dim: int, rounding: str) -> None:
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding={rounding!r} is unknown: use one of {', '.join(ROUNDINGS)}")
         if not isinstance(x, Tensor) or not x.is_floating_point():
@@ -168,24 +207,22 @@ class Format:
                              f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
         if x.dim() and not -x.dim() <= dim < x.dim():
             raise ValueError(f"dim={dim} is out of range for a tensor of shape {tuple(x.shape)}")
-        lay = self.layout_of(x.reshape(-1) if x.dim() == 0 else x, dim if x.dim() else 0)
-        if x.numel() == 0:
-            return None, lay
-        return lay.to_blocks(x.detach().float()), lay
+
+    def _blocks(self, xf: Tensor, d: int) -> tuple[Tensor, Layout]:
+        """xf (float32) as its 4-D block view along dim d, and the layout (a 0-d tensor counts as 1-D)."""
+        lay = layout(tuple(xf.shape) if xf.dim() else (1,), d, self.scaling, self.block, self.two_d)
+        return lay.to_blocks(xf), lay
 
 
-# ----- the math, shared by the eager and the compiled pass -----------------------------------------
-def _keys(seed: int, device) -> Tensor:
-    """The noise keys of a seed as an int64 tensor (an input, not a constant, under torch.compile)."""
-    return torch.tensor(seed_keys(seed), dtype=torch.int64, device=device)
+def _raise_if(bad: bool) -> None:
+    if bad:
+        raise NonFiniteError()
 
 
-def _noise(xb: Tensor, keys: Tensor | None) -> Tensor | None:
+# ----- the math of the torch path --------------------------------------------------------------------
+def _noise(xb: Tensor, seed: int | None) -> Tensor | None:
     """uniform_noise of every element of the block view (its flat index), or None (nearest)."""
-    if keys is None:
-        return None
-    index = torch.arange(xb.numel(), dtype=torch.int64, device=xb.device).view(xb.shape)
-    return index_noise(index, keys[0], keys[1])
+    return None if seed is None else uniform_noise(xb.shape, seed, xb.device)
 
 
 def _amax(xb: Tensor, axes: tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -210,23 +247,16 @@ def _scaled(xb: Tensor, amax: Tensor, tamax: Tensor, fmt: Format,
     return (v * pre if pre != 1.0 else v), scale, None, None
 
 
-def _fake_blocks(xb: Tensor, keys: Tensor | None, fmt: Format, rounding: str) -> tuple[Tensor, Tensor]:
+def _fake_blocks(xb: Tensor, seed: int | None, fmt: Format, rounding: str) -> tuple[Tensor, Tensor]:
     """(dequantized block view, tensor amax): the whole fake-quantization pass."""
-    amax, tamax = _amax(xb, _axes(fmt, xb))
+    amax, tamax = _amax(xb, _axes(fmt))
     v, scale, _, _ = _scaled(xb, amax, tamax, fmt, rounding)
-    y = fmt.element.round(v, rounding, _noise(xb, keys)) * scale
+    y = fmt.element.round(v, rounding, _noise(xb, seed)) * scale
     pre = fmt.prescale(rounding)
     return (y / pre if pre != 1.0 else y), tamax
 
 
-def _axes(fmt: Format, xb: Tensor) -> tuple[int, ...]:
+def _axes(fmt: Format) -> tuple[int, ...]:
     if fmt.scaling == "tensor":
         return (0, 1, 2, 3)
     return (1, 3) if fmt.two_d else (2,)
-
-
-@functools.cache
-def _compiled(fmt: Format, rounding: str):
-    """One compiled pass per (format, rounding): dynamo keeps few graphs per function, so each
-    combination gets its own (dynamic shapes: one graph serves every size)."""
-    return torch.compile(functools.partial(_fake_blocks, fmt=fmt, rounding=rounding), dynamic=True)

@@ -28,9 +28,9 @@ class FormatQuantizer:
     takes_mask = False
 
     def __init__(self, fmt: Format, rounding: str = "nearest", transform: RandomHadamard | None = None,
-                 dim: int = 1, compile: bool = False, setting: str = "quant.format"):
+                 dim: int = 1, setting: str = "quant.format"):
         self.format, self.rounding, self.transform = fmt, rounding, transform
-        self.dim, self.compile, self.setting = dim, bool(compile), setting
+        self.dim, self.setting = dim, setting
         if rounding not in ROUNDINGS:
             raise ValueError(f"{setting}: rounding={rounding!r} is unknown: use nearest or stochastic")
 
@@ -53,10 +53,12 @@ class FormatQuantizer:
     def orientation_free(self) -> bool:
         return self.format.orientation_free
 
-    def fake(self, x: Tensor, dim: int | None = None, seed: int = 0) -> Tensor:
-        """x quantize-dequantized along dim (the consuming GEMM's reduction), no autograd."""
+    def fake(self, x: Tensor, dim: int | None = None, seed: int = 0, transform: RandomHadamard | None = None,
+             key: int = 0) -> Tensor:
+        """x quantize-dequantized along dim (the consuming GEMM's reduction), after `transform` along dim
+        with `key` when given (one fused pass); no autograd."""
         with torch.no_grad():
-            return self.format.fake(x, self.dim if dim is None else dim, self.rounding, seed, self.compile)
+            return self.format.fake(x, self.dim if dim is None else dim, self.rounding, seed, transform, key)
 
     def __call__(self, x: Tensor, seed: int = 0, dim: int | None = None) -> Tensor:
         """Fake-quantized x with a straight-through backward (the slot interface of the other quantizers)."""

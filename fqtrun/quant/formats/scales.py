@@ -3,7 +3,7 @@
     fp32   s = amax / max_elem                      (FP8 tensorwise / rowwise, DeepSeek tiles)
     e8m0   s = 2^e, e in [-127, 127]                (MX) with
              floor: e = floor(log2 amax) - emax_elem   (OCP v1.0; the largest elements may saturate)
-             rceil: e = ceil(log2(amax / max_elem))    (Mishra et al.; nothing saturates)
+             rceil: e = ceil(log2(amax / max_elem))    (Mishra et al.; nothing saturates; exact, from the bits)
     e4m3   s = s_tensor * E4M3(amax / 6 / s_tensor), s_tensor = amax(x) / (448 * 6)   (NVFP4)
 
 An all-zero block gets s = 1 (fp32), 2^-127 (e8m0) or the smallest normal E4M3 block scale: its
@@ -39,9 +39,12 @@ def fp32_scale(amax: Tensor, elem: FloatElement) -> Tensor:
 
 def e8m0_exponent(amax: Tensor, elem: FloatElement, rule: str) -> Tensor:
     """The MX scale exponent e (int32) of each block."""
-    if rule == "rceil":
-        e = torch.ceil(torch.log2(amax / elem.max)).clamp(-127, 127)
-        return e.to(torch.int32)
+    if rule == "rceil":  # ceil(log2 d) exactly, from d's bits: one more than its exponent unless a power of 2
+        d = amax / elem.max
+        bits = d.view(torch.int32)
+        e = (torch.bitwise_right_shift(bits, 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+        e = torch.where(d < 2.0**-126, torch.full_like(e, -126), e)  # (subnormal d: e is -126 or -127 here)
+        return torch.where(d > 2.0**-127, e, torch.full_like(e, -127)).clamp(max=127)
     biased = torch.bitwise_right_shift(amax.view(torch.int32), 23) & 0xFF  # floor(log2 amax) + 127
     return (biased - 127 - elem.emax).clamp(-127, 127)
 
