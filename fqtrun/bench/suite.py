@@ -1,4 +1,5 @@
-"""The whole benchmark: quantizer figures and train-step figures of both models at every thread count.
+"""The whole benchmark: quantizer and number-format figures and train-step figures of both models at every
+thread count.
 
 run_suite returns the result dict that `fqtrun bench` writes as bench.json (the README quotes it).
 """
@@ -20,7 +21,9 @@ from fqtrun.bench.models import cnn_model, fqt_model, linear_model, torchao_mode
 from fqtrun.bench.settings import BenchSettings, resolve_settings
 from fqtrun.quant import fused, grid
 from fqtrun.quant.backends import backend_report
+from fqtrun.quant.formats import FORMATS
 from fqtrun.quant.gradient import make_gradient_quantizer
+from fqtrun.quant.transforms import RandomHadamard
 
 
 def quantizer_bench(s: BenchSettings, seed: int) -> dict:
@@ -47,6 +50,23 @@ def quantizer_bench(s: BenchSettings, seed: int) -> dict:
             r = median_ratios(times, f"per_sample SR {mode}")[f"householder SR {mode}"]
             out[f"householder SR {mode}"]["x_psq"] = round(r, 3)
     return out
+
+
+def format_bench(s: BenchSettings, seed: int) -> dict:
+    """Fake quantization of one gradient-shaped tensor in every number format (quant/formats), blocks along
+    its rows: nearest, stochastic, and stochastic after a 16-point random Hadamard transform, vs clone()."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(s.quant_rows, s.quant_elements // s.quant_rows, generator=g)
+    x.mul_(torch.exp(2 * torch.randn(x.shape[0], 1, generator=g)))
+    rht = RandomHadamard(16)
+    fns: dict[str, Callable[[], object]] = {"clone": x.clone}
+    for name, fmt in FORMATS.items():
+        fns[f"{name} RTN"] = lambda f=fmt: f.fake(x, -1, "nearest", 1)
+        fns[f"{name} SR"] = lambda f=fmt: f.fake(x, -1, "stochastic", 1)
+        fns[f"{name} SR+RHT16"] = lambda f=fmt: f.fake(x, -1, "stochastic", 1, rht, 2)
+    times = interleaved(fns, s.reps, s.warmup)
+    ratios = median_ratios(times, "clone")
+    return {k: {"x_clone": round(ratios[k], 3), "median_ms": round(median_ms(v), 3)} for k, v in times.items()}
 
 
 def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: bool) -> Callable[[], torch.Tensor]:
@@ -111,6 +131,7 @@ def run_suite(asked: BenchSettings, model_cfg: DictConfig, batch_size: int, seed
             result["runs"].append({
                 "threads": t, "load": os.getloadavg(),
                 "quantizers": quantizer_bench(s, seed),
+                "formats": format_bench(s, seed),
                 "linear": step_bench(name, lin, *data["linear"], s),
                 "cnn": step_bench(cnn_name, cnn, *data["cnn"], s),
             })
