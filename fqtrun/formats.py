@@ -15,7 +15,8 @@ integer min-max grids of fqtrun's QAT/FQT quantizers, one per tensor). Blocks ru
 fp8_e4m3_b128 128x128). Stochastic rounding draws counter-based noise from `seed`: the same seed
 gives the same result, and E[quantize_dequantize] = x wherever nothing saturates.
 `transform="rht"` returns R^T Q(x R): the random Hadamard transform (block `rht_block`, signs
-from `seed`) along dim, the quantization in the transformed domain, mapped back.
+from `seed`, independent of the rounding noise) along dim, the quantization in the transformed
+domain, mapped back.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ Tensor = torch.Tensor
 __all__ = ["FORMAT_NAMES", "quantize", "quantize_dequantize", "saturated"]
 
 INT_FORMATS = {f"int{b}": b for b in range(8, 1, -1)}
+_RHT_TAG = 0x726874  # "rht": the transform's key is mix_seed(seed, _RHT_TAG)
 FORMAT_NAMES = (*FORMATS, *INT_FORMATS)
 
 
@@ -85,13 +87,12 @@ def quantize_dequantize(x: Tensor, fmt: str, rounding: str = "nearest", dim: int
         if isinstance(f, int):
             return _int_codes(x, f, rounding, seed).dequantize().to(x.dtype)
         return f.fake(x, dim, rounding, seed)
-    d = dim % x.dim()
+    d, key = dim % x.dim(), grid.mix_seed(seed, _RHT_TAG)  # signs independent of the rounding noise
     if isinstance(f, int):
-        y = t.forward(x, d, seed)
-        y = _int_codes(y, f, rounding, seed).dequantize()
+        y = _int_codes(t.forward(x, d, key), f, rounding, seed).dequantize()
     else:
-        y = f.fake(x, d, rounding, seed, t, seed)
-    return t.inverse(y, d, seed).narrow(d, 0, x.shape[d]).to(x.dtype)
+        y = f.fake(x, d, rounding, seed, t, key)
+    return t.inverse(y, d, key).narrow(d, 0, x.shape[d]).to(x.dtype)
 
 
 def saturated(x: Tensor, fmt: str, dim: int = -1, rounding: str = "nearest", scale_rule: str = "floor",

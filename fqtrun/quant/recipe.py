@@ -155,7 +155,8 @@ def slot_rounding(cfg: QuantConfig, slot: str) -> str:
 
 
 def slot_transform(cfg: QuantConfig, slot: str) -> RandomHadamard | None:
-    """The transform of gradient slot dx / dw's GEMM (None for w, a and without one)."""
+    """The transform of gradient slot dx / dw's GEMM (None for w, a and without one; quant.grad_transform
+    applies to the float-format gradient slots)."""
     if slot in ("w", "a"):
         return None
     own = getattr(cfg, f"grad_transform_{slot}")
@@ -196,21 +197,30 @@ def validate_formats(cfg: QuantConfig) -> None:
     if cfg.weight_blocks_2d and fmts["w"] is None:
         raise ValueError("quant.weight_blocks_2d=true needs a block-scaled quant.format_w (nvfp4, mx*, "
                          "fp8_e4m3_b128)")
-    for slot in SLOTS:
-        rounding, transform = slot_rounding(cfg, slot), slot_transform(cfg, slot)
+    for slot in SLOTS:  # a slot's own setting needs a float format there (no effect otherwise)
+        rounding, key = slot_rounding(cfg, slot), f"quant.rounding_{slot}"
         own = slot in ("w", "a") or getattr(cfg, f"rounding_{slot}") is not None
-        key = f"quant.rounding_{slot}" if own else "quant.grad_rounding"
         if rounding not in ROUNDINGS:
-            raise ValueError(f"{key}={rounding!r} is unknown: use one of {', '.join(ROUNDINGS)}")
+            raise ValueError(f"{key if own else 'quant.grad_rounding'}={rounding!r} is unknown: use one of "
+                             f"{', '.join(ROUNDINGS)}")
+        transform = slot_transform(cfg, slot)
         if fmts[slot] is not None:
             continue
         kind = slot_format(cfg, slot)
-        if rounding != ("nearest" if slot in ("w", "a") else "stochastic"):
+        if own and rounding != ("nearest" if slot in ("w", "a") else "stochastic"):
             raise ValueError(f"{key}={rounding} needs a float quant.format_{slot}: {kind} slots have their own "
                              "rounding (integer grids: nearest forward, stochastic gradients)")
-        if transform is not None:
-            raise ValueError(f"quant.grad_transform_{slot}=rht needs a float quant.format_{slot} (it transforms the "
-                             f"operands that format quantizes; quant.format_{slot} is {kind})")
+        if transform is not None and getattr(cfg, f"grad_transform_{slot}") is not None:
+            raise ValueError(f"quant.grad_transform_{slot}={transform.name} needs a float quant.format_{slot} (it "
+                             f"transforms the operands that format quantizes; quant.format_{slot} is {kind})")
+    if not (fmts["dx"] or fmts["dw"]):  # the gradient group's settings need one float gradient slot
+        if cfg.grad_rounding != "stochastic":
+            raise ValueError(f"quant.grad_rounding={cfg.grad_rounding} needs a float quant.format_dx or format_dw "
+                             "(integer gradient grids round stochastically)")
+        if cfg.grad_transform is not None and cfg.grad_transform != "none":
+            raise ValueError(f"quant.grad_transform={cfg.grad_transform} needs a float quant.format_dx or format_dw "
+                             "(it transforms the operands those formats quantize; the integer grids have "
+                             "quant.grad=householder)")
     if cfg.dequant == "ridge" and any(f is not None for f in fmts.values()):
         raise ValueError("quant.dequant=ridge fits integer grids only: drop quant.format* (or use quant.dequant=ste)")
     for key in ("keep_first_blocks", "keep_last_blocks"):

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fqtrun.quant.formats import kernel, scales
+import fqtrun.quant.formats.kernel as kernel
+import fqtrun.quant.formats.scales as scales
 from fqtrun.quant.formats.blocks import Layout, layout
 from fqtrun.quant.formats.elements import E4M3, ROUNDINGS, FloatElement
 from fqtrun.quant.grid import seed_keys, uniform_noise
@@ -33,6 +34,8 @@ SCALINGS = ("tensor", "row", "block")
 SCALE_KINDS = ("fp32", "e8m0", "e4m3")  # e4m3: NVFP4's E4M3 block scales times an FP32 tensor scale
 SCALE_RULES = ("floor", "rceil")
 SR_PRESCALE = 0.75  # floor E8M0 scales + SR (spec/formats.md, "Rounding")
+# a dequantized value past float32's range (a block at ~3e38 whose top code maps higher) saturates there
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class Quantized:
         y = elems * self.scales.reshape(self.layout.block_scale_shape)
         if self.prescale != 1.0:
             y = y / self.prescale
-        return self.layout.from_blocks(y).to(self.dtype)
+        return self.layout.from_blocks(y.clamp(-FLOAT32_MAX, FLOAT32_MAX)).to(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,8 @@ class Format:
                          t_scale, self, lay, self.prescale(rounding), x.dtype)
 
     def saturated(self, x: Tensor, dim: int = -1, rounding: str = "nearest") -> Tensor:
-        """bool, x's shape: elements beyond the largest element value after scaling (clipped to it)."""
+        """bool, x's shape: elements beyond the largest element value after scaling (clipped to it), past
+        float rounding of the scale (a block maximum that lands a few ulps above the top code is not)."""
         self._check(x, dim, rounding)
         if x.numel() == 0:
             return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
@@ -197,7 +201,7 @@ class Format:
         amax, tamax = _amax(xb, lay.axes)
         check_range(tamax)
         v = _scaled(xb, amax, tamax, self, rounding)[0]
-        return lay.from_blocks(v.abs() > self.element.max)
+        return lay.from_blocks(v.abs() > self.element.max * (1.0 + 2.0**-20))
 
     def _check(self, x: Tensor, dim: int, rounding: str) -> None:
         if rounding not in ROUNDINGS:
@@ -253,7 +257,7 @@ def _fake_blocks(xb: Tensor, seed: int | None, fmt: Format, rounding: str) -> tu
     v, scale, _, _ = _scaled(xb, amax, tamax, fmt, rounding)
     y = fmt.element.round(v, rounding, _noise(xb, seed)) * scale
     pre = fmt.prescale(rounding)
-    return (y / pre if pre != 1.0 else y), tamax
+    return (y / pre if pre != 1.0 else y).clamp(-FLOAT32_MAX, FLOAT32_MAX), tamax
 
 
 def _axes(fmt: Format) -> tuple[int, ...]:

@@ -124,7 +124,8 @@ static inline float quant_elem(float x, float mul, float div, float scale, float
     float v = use_div ? x / div : x * mul;
     if (use_pre) v = v * pre;
     float y = round_elem(v, el, mode, noise) * scale;
-    return use_pre ? y / pre : y;
+    if (use_pre) y = y / pre;
+    return y > FLT_MAX ? FLT_MAX : (y < -FLT_MAX ? -FLT_MAX : y);  /* past float32's range: its largest */
 }
 
 #define QUANT_LOOP(MODE, DIV, PRE)                                                                        \
