@@ -221,6 +221,9 @@ def validate_formats(cfg: QuantConfig) -> None:
             raise ValueError(f"quant.grad_transform={cfg.grad_transform} needs a float quant.format_dx or format_dw "
                              "(it transforms the operands those formats quantize; the integer grids have "
                              "quant.grad=householder)")
+    if cfg.compile and all(slot_format(cfg, s) != "int" for s in SLOTS):
+        raise ValueError("quant.compile=true fuses the integer quantizers, and every slot has a float format "
+                         "(they run their own C kernel pass): drop quant.compile")
     if cfg.dequant == "ridge" and any(f is not None for f in fmts.values()):
         raise ValueError("quant.dequant=ridge fits integer grids only: drop quant.format* (or use quant.dequant=ste)")
     for key in ("keep_first_blocks", "keep_last_blocks"):

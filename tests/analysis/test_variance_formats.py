@@ -13,7 +13,6 @@ from torch import nn
 
 from fqtrun.analysis.variance import fqt_slots, measure_variance
 from fqtrun.commands.variance import variance as run_variance
-from fqtrun.errors import ConfigError
 from fqtrun.quant.backends import Simulate
 from fqtrun.quant.convert import convert, quant_layers
 from fqtrun.quant.formats import FORMATS
@@ -79,14 +78,3 @@ def test_a_format_column_of_its_own_bits(tmp_path):
     assert set(data["quantization"]["per_sample"]) == {"2", "4"} and set(data["quantization"]["mxfp8"]) == {"8"}
     rows = (tmp_path / "variance.csv").read_text().splitlines()
     assert sum(r.startswith("quantization,mxfp8,8,") for r in rows) == 5
-
-
-@pytest.mark.parametrize(("entry", "message"), [
-    ("mxfp9", "unknown quantizer 'mxfp9'.*or a quant recipe"),
-    ("qat", "the recipe quantizes no gradient"),
-    ("nvfp4:grad_transform_dw", "name:key=value"),
-    ('"nvfp4:rht_block=24"', "rht_block=24"),
-])
-def test_bad_recipe_entries_refuse(tmp_path, entry, message):
-    with pytest.raises(ConfigError, match=message):
-        run_variance(compose_variance(*SMALL[:-2], f"variance.quantizers=[psq,{entry}]", "model.channels=4"), tmp_path)

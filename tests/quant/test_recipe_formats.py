@@ -93,6 +93,7 @@ def test_a_slot_takes_its_own_format_beside_integer_slots(compose_train):
     (["quant.format=mxfp4", "quant.weight_granularity=channel"], "quant.weight_granularity=channel"),
     (["quant.format=mxfp4", "quant.dequant=ridge"], "quant.dequant=ridge fits integer grids only"),
     (["quant.keep_last_blocks=-1"], "quant.keep_last_blocks=-1 must be >= 0"),
+    (["quant.format=nvfp4", "quant.compile=true"], "quant.compile=true fuses the integer quantizers"),
     (["quant.format=mxfp8_e4m3", "quant.backend=int8"], "quant.backend=int8 runs integer grids only"),
 ])
 def test_bad_format_settings_refuse_in_one_line(compose_train, overrides, match):

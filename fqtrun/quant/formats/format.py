@@ -30,8 +30,6 @@ from fqtrun.quant.transforms import RandomHadamard
 
 Tensor = torch.Tensor
 
-SCALINGS = ("tensor", "row", "block")
-SCALE_KINDS = ("fp32", "e8m0", "e4m3")  # e4m3: NVFP4's E4M3 block scales times an FP32 tensor scale
 SCALE_RULES = ("floor", "rceil")
 SR_PRESCALE = 0.75  # floor E8M0 scales + SR (spec/formats.md, "Rounding")
 # a dequantized value past float32's range (a block at ~3e38 whose top code maps higher) saturates there
@@ -67,7 +65,8 @@ class Quantized:
 
 @dataclass(frozen=True)
 class Format:
-    """One number format. scaling: tensor | row | block; scale: fp32 | e8m0 | e4m3 (see scales.py)."""
+    """One number format. scaling: tensor | row | block (blocks.py); scale: fp32 | e8m0 | e4m3, NVFP4's E4M3
+    block scales times an FP32 tensor scale (scales.py)."""
 
     name: str
     element: FloatElement
@@ -125,7 +124,7 @@ class Format:
         if transform is not None:
             xf = transform.forward(xf, d, key)
         xb, lay = self._blocks(xf, d)
-        y, amax = _fake_blocks(xb, seed if rounding == "stochastic" else None, self, rounding)
+        y, amax = _fake_blocks(xb, lay.axes, seed if rounding == "stochastic" else None, self, rounding)
         check_range(amax)
         return lay.from_blocks(y).to(x.dtype)
 
@@ -251,16 +250,12 @@ def _scaled(xb: Tensor, amax: Tensor, tamax: Tensor, fmt: Format,
     return (v * pre if pre != 1.0 else v), scale, None, None
 
 
-def _fake_blocks(xb: Tensor, seed: int | None, fmt: Format, rounding: str) -> tuple[Tensor, Tensor]:
+def _fake_blocks(xb: Tensor, axes: tuple[int, ...], seed: int | None, fmt: Format,
+                 rounding: str) -> tuple[Tensor, Tensor]:
     """(dequantized block view, tensor amax): the whole fake-quantization pass."""
-    amax, tamax = _amax(xb, _axes(fmt))
+    amax, tamax = _amax(xb, axes)
     v, scale, _, _ = _scaled(xb, amax, tamax, fmt, rounding)
     y = fmt.element.round(v, rounding, _noise(xb, seed)) * scale
     pre = fmt.prescale(rounding)
     return (y / pre if pre != 1.0 else y).clamp(-FLOAT32_MAX, FLOAT32_MAX), tamax
 
-
-def _axes(fmt: Format) -> tuple[int, ...]:
-    if fmt.scaling == "tensor":
-        return (0, 1, 2, 3)
-    return (1, 3) if fmt.two_d else (2,)

@@ -5,10 +5,10 @@ buffer, applies the transform's butterflies (fast Walsh-Hadamard, O(log g) per e
 each block's amax, and writes the dequantized elements; stochastic rounding draws grid.uniform_noise
 from the same counter-based hash. The float operations are the torch path's, in the same order
 (format.py and transforms.py; built with -ffp-contract=off), so the two give the same values bit for
-bit; tests/quant/test_formats_kernel.py checks that. A tensor-scaled or NVFP4 tensor needs its amax
-first (one extra read, the `amax` pass); with a transform as well, the transform runs as its own
-pass first. Built on first use with quant/native.py's builder; None (the caller runs torch) when
-there is no compiler or the tensor is not a plain contiguous CPU float32 one.
+bit (tests/quant/test_formats.py). A tensor-scaled or NVFP4 tensor needs its amax first (one extra
+read, the `amax` pass); with a transform as well, the transform runs as its own pass first. Built
+on first use with quant/native.py's builder; `usable` is False (the caller runs torch) when there
+is no compiler or the tensor is not a plain contiguous CPU float32 one.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import functools
 
 import torch
 
+from fqtrun.quant.formats.elements import FloatElement
 from fqtrun.quant.native import NOISE_C, build_library
 
 Tensor = torch.Tensor
@@ -412,6 +413,7 @@ int fq_quant(const float *x, float *out, int64_t A, int64_t L, int64_t Lo, int64
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
+    """The compiled kernels (built once per source, compiler and machine), or None."""
     so = build_library("formats", _SOURCE)
     if so is None:
         return None
@@ -438,8 +440,9 @@ def amax(x: Tensor) -> tuple[float, bool]:
 
 
 def run(x3: Tensor, out_rows: int, quant_rows: int, quant_cols: int, panel: int, block: int, cols: int,
-        rht: tuple[int, float, Tensor] | None, elem, kind: str, emax: int, tamax: float, fixed: bool,
-        prescale: float, rounding: str, keys: tuple[int, int], out: Tensor | None = None) -> tuple[Tensor, bool, float]:
+        rht: tuple[int, float, Tensor] | None, elem: FloatElement, kind: str, emax: int, tamax: float,
+        fixed: bool, prescale: float, rounding: str, keys: tuple[int, int],
+        out: Tensor | None = None) -> tuple[Tensor, bool, float]:
     """(out (A, out_rows, B), whether NaN or inf was met, max |out| for kind "none") for x3 (A, L, B).
 
     fq_quant in the C source: blocks of `block` rows x `cols` columns share a scale (rows along the
