@@ -86,7 +86,8 @@ def quantize_model(recipe: QuantConfig | None, sparse: bool, model: nn.Module,
         return None
     factory = slot_factory(recipe) if recipe is not None else (lambda slot, module: None)
     keep = {k: _keep(recipe, model, k) for k in ("keep_first", "keep_last")}
-    report = convert(model, factory, noise, **keep, exclude=list(recipe.exclude) if recipe else [])
+    blocks = {k: getattr(recipe, k) if recipe else 0 for k in ("keep_first_blocks", "keep_last_blocks")}
+    report = convert(model, factory, noise, **keep, **blocks, exclude=list(recipe.exclude) if recipe else [])
     report.kept.update({name: "embedding lookup (no GEMM)" for name, m in model.named_modules()
                         if isinstance(m, nn.Embedding)})
     if recipe is not None:

@@ -32,6 +32,9 @@ def test_quick_bench_writes_every_figure(tmp_path):
                  "per_sample + per_column codes, one pass", "forward int8 codes"):
         assert run["quantizers"][name]["x_clone"] > 0
     assert run["quantizers"]["householder SR"]["x_psq"] > 0 and run["quantizers"]["householder SR codes"]["x_psq"] > 0
+    for fmt in ("fp8_e4m3", "mxfp8_e4m3", "mxfp6_e2m3", "mxfp4", "nvfp4", "fp8_e4m3_b128"):
+        for mode in ("RTN", "SR", "SR+RHT16"):
+            assert run["formats"][f"{fmt} {mode}"]["x_clone"] > 0
     for part in ("linear", "cnn"):
         steps = run[part]["steps"]
         for recipe in ("fp32", "bf16 autocast", "FQT simulate", "FQT int8"):

@@ -10,7 +10,9 @@ conditional mean, so the FQT gradient's overall variance is their sum.
 One forward pass per batch serves every backward pass: the quantized layers read their dX/dW
 quantizers (layer.slots) and noise draw (layer.noise.draw) when the backward runs, so the QAT
 gradient and all (quantizer, bits, k) FQT gradients come from `torch.autograd.grad` on one
-retained graph. Pass k on batch b of a setup uses noise draw `base + 1 + b * K + k`.
+retained graph. Pass k on batch b of a setup uses noise draw `base + 1 + b * K + k`. Setups whose
+slots hold number formats (quant/formats) need the layers' per-GEMM path (operands requantized
+along each GEMM's reduction): they share a second forward through it, with its own QAT gradient.
 `VarianceProbe` runs the same measurement during training without disturbing it.
 """
 
@@ -25,7 +27,9 @@ from torch import nn
 
 from fqtrun.data.loader import make_loader
 from fqtrun.errors import ConfigError
+from fqtrun.quant.backends import Simulate
 from fqtrun.quant.convert import quant_layers
+from fqtrun.quant.formats.quantizer import FormatQuantizer
 from fqtrun.quant.gradient import GRADIENT_QUANTIZERS, make_gradient_quantizer
 from fqtrun.quant.grid import mix_seed
 from fqtrun.training.hooks import PeriodicProbe, RunFacts
@@ -132,6 +136,25 @@ def untouched(model: nn.Module) -> Iterator[None]:
                 noise.draw = d
 
 
+@contextmanager
+def per_gemm(model: nn.Module, on: bool) -> Iterator[None]:
+    """With on=True every quantized layer runs the simulate backend's per-GEMM path, then its own backend."""
+    saved = [(layer, layer.backend) for _, layer in quant_layers(model)]
+    try:
+        if on:
+            for layer, _ in saved:
+                layer.backend = Simulate(per_gemm=True)
+        yield
+    finally:
+        for layer, backend in saved:
+            layer.backend = backend
+
+
+def needs_per_gemm(layer: nn.Module, make: SlotMaker) -> bool:
+    """Whether a setup's gradient slots hold number formats (they quantize along each GEMM's reduction)."""
+    return any(isinstance(make(s, layer), FormatQuantizer) for s in GRAD_SLOTS)
+
+
 def _tensors(model: nn.Module) -> Iterator[Tensor]:
     yield from model.parameters()
     yield from model.buffers()
@@ -180,27 +203,32 @@ def measure_variance(
     g_sum = [torch.zeros_like(p, dtype=torch.float64) for p in params]
     sq_sum = torch.zeros(n_layers, dtype=torch.float64)
     quant_sum = {label: torch.zeros(n_layers, dtype=torch.float64) for label in setups}
+    groups = {}  # per-GEMM path or not -> its setups (the plain one first, as before formats existed)
+    for label, make in setups.items():
+        groups.setdefault(needs_per_gemm(qlayers[0], make), {})[label] = make
     with untouched(model):
         model.train()
         base = qlayers[0].noise.draw
         for b, (x, y) in enumerate(batches):
             x, y = x.to(device), y.to(device)
-            torch.manual_seed(seed * 1_000_003 + b)
-            with grad_slots(model, lambda slot, layer: _Exact()):
-                loss = loss_fn(model(x), y)  # FQT autograd path everywhere; slots are read at backward
-            with grad_slots(model, None):
-                g_qat = _grads(loss, params)
-            for g_acc, g in zip(g_sum, g_qat):
-                g_acc += g.double()
-            sq_sum += _sq_norms(g_qat, owners, layers)
-            for label, make in setups.items():
-                with grad_slots(model, make):
-                    for j in range(k):
-                        for layer in qlayers:
-                            layer.noise.draw = base + 1 + b * k + j
-                        g = _grads(loss, params)
-                        quant_sum[label] += _sq_norms([a - c for a, c in zip(g, g_qat)], owners, layers)
-            del loss
+            for first, (path, group) in enumerate(sorted(groups.items(), key=lambda kv: kv[0])):
+                torch.manual_seed(seed * 1_000_003 + b)
+                with per_gemm(model, path), grad_slots(model, lambda slot, layer: _Exact()):
+                    loss = loss_fn(model(x), y)  # FQT autograd path everywhere; slots are read at backward
+                with grad_slots(model, None):
+                    g_qat = _grads(loss, params)
+                if first == 0:  # the sampling variance, from the first forward of the batch
+                    for g_acc, g in zip(g_sum, g_qat):
+                        g_acc += g.double()
+                    sq_sum += _sq_norms(g_qat, owners, layers)
+                for label, make in group.items():
+                    with grad_slots(model, make):
+                        for j in range(k):
+                            for layer in qlayers:
+                                layer.noise.draw = base + 1 + b * k + j
+                            g = _grads(loss, params)
+                            quant_sum[label] += _sq_norms([a - c for a, c in zip(g, g_qat)], owners, layers)
+                del loss
     n = len(batches)
     g_bar = [g / n for g in g_sum]
     # mean_b ||g_b - g_bar||^2 = mean_b ||g_b||^2 - ||g_bar||^2, accumulated in float64

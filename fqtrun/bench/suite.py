@@ -1,4 +1,5 @@
-"""The whole benchmark: quantizer, train-step (both models) and mask-search figures at every thread count.
+"""The whole benchmark: quantizer, number-format, train-step (both models), numerics-probe and mask-search
+figures at every thread count.
 
 run_suite returns the result dict that `fqtrun bench` writes as bench.json (the README quotes it).
 """
@@ -15,6 +16,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fqtrun.allocator import keep_freed_memory
+from fqtrun.bench.formats import format_bench
 from fqtrun.bench.harness import interleaved, median_ms, median_ratios
 from fqtrun.bench.masks import mask_bench
 from fqtrun.bench.models import cnn_model, fqt_model, linear_model, torchao_model
@@ -132,6 +134,7 @@ def run_suite(asked: BenchSettings, model_cfg: DictConfig, batch_size: int, seed
             result["runs"].append({
                 "threads": t, "load": os.getloadavg(),
                 "quantizers": quantizer_bench(s, seed),
+                "formats": format_bench(s, seed),
                 "linear": step_bench(name, lin, *data["linear"], s, probe=s.numerics),
                 "cnn": step_bench(cnn_name, cnn, *data["cnn"], s),
                 **({"masks": mask_bench(s, seed)} if s.masks else {}),

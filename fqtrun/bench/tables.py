@@ -1,5 +1,5 @@
-"""The benchmark's result dict (suite.run_suite) as rich tables: one for the quantizers, one per model's
-train steps and one for the mask search, for every thread count."""
+"""The benchmark's result dict (suite.run_suite) as rich tables: one for the quantizers, one for the number
+formats, one per model's train steps and one for the mask search, for every thread count."""
 
 from __future__ import annotations
 
@@ -16,10 +16,24 @@ def result_tables(result: dict) -> list[Table]:
         for k, v in run["quantizers"].items():
             t.add_row(k, f"{v['x_clone']:.2f}", f"{v['median_ms']:.2f}", f"{v['x_psq']:.2f}" if "x_psq" in v else "")
         tables.append(t)
+        tables.append(format_table(run["formats"], run["threads"], run["load"][0]))
         tables += [step_table(run[part], run["threads"]) for part in ("linear", "cnn")]
         if "masks" in run:
             tables.append(mask_table(run["masks"], run["threads"]))
     return tables
+
+
+def format_table(rows: dict, threads: int, load: float) -> Table:
+    """The number formats' fake-quantization passes (format_bench's dict): one row per format."""
+    t = Table(title=f"number formats, fake quantization vs clone(), {threads} thread(s), load {load:.1f}",
+              title_justify="left")
+    for col in ("format", "RTN", "SR", "SR + RHT16", "ms (RTN / SR / SR + RHT16)"):
+        t.add_column(col)
+    names = [k.rsplit(" ", 1)[0] for k in rows if k.endswith(" RTN")]
+    for n in names:
+        r = [rows[f"{n} {m}"] for m in ("RTN", "SR", "SR+RHT16")]
+        t.add_row(n, *(f"{v['x_clone']:.2f}x" for v in r), " / ".join(f"{v['median_ms']:.1f}" for v in r))
+    return t
 
 
 def step_table(b: dict, threads: int) -> Table:

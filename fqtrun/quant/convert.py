@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from fqtrun.quant.formats.quantizer import FormatQuantizer
 from fqtrun.quant.layers import QUANT_CLASS, SLOTS, NoiseContext, QuantLayerMixin
 
 SlotFactory = Callable[[str, nn.Module], object | None]  # (slot, float module) -> quantizer or None
@@ -63,10 +64,38 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def _refusal(module: nn.Module, slots: dict) -> str | None:
     """Why this layer cannot run the requested slots, or None."""
     fqt = slots.get("dx") is not None or slots.get("dw") is not None
-    if fqt and isinstance(module, (nn.Conv1d, nn.Conv2d)):
+    formats = any(isinstance(q, FormatQuantizer) for q in slots.values())
+    if (fqt or formats) and isinstance(module, (nn.Conv1d, nn.Conv2d)):
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
             return "quantized conv backward needs numeric zero padding"
+        if formats and module.groups != 1:
+            return "grouped conv: a format's blocks and transforms would cross the groups"
     return None
+
+
+def block_layers(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[list[str]]:
+    """The quantizable layer names of each block: the entries of the model's `blocks` (an nn.Sequential or
+    nn.ModuleList of repeated blocks, e.g. a transformer's), else one block per layer."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
+        return [[name] for name, _ in layers]
+    out = []
+    for block in blocks:
+        inside = {id(m) for m in block.modules()}
+        out.append([name for name, m in layers if id(m) in inside])
+    return out
+
+
+def kept_blocks(model: nn.Module, layers: list[tuple[str, nn.Module]], first: int, last: int) -> dict[str, str]:
+    """Layer name -> why it is kept in full precision, for the first `first` and last `last` blocks."""
+    blocks = block_layers(model, layers)
+    kept = {}
+    for i, names in enumerate(blocks):
+        if i < first or i >= len(blocks) - last:
+            where = f"first {first}" if i < first else f"last {last}"
+            key = "keep_first_blocks" if i < first else "keep_last_blocks"
+            kept.update({n: f"{where} block(s) (quant.{key})" for n in names})
+    return kept
 
 
 def convert(
@@ -77,6 +106,8 @@ def convert(
     keep_last: bool = False,
     exclude: tuple[str, ...] | list[str] = (),
     module_filter: Callable[[nn.Module, str], bool] | None = None,
+    keep_first_blocks: int = 0,
+    keep_last_blocks: int = 0,
 ) -> ConversionReport:
     """Replace quantizable layers in place; `make_slot(slot, module)` builds each slot's quantizer."""
     layers = quantizable_layers(model)
@@ -84,6 +115,7 @@ def convert(
         raise ValueError("the model has no Linear/Conv1d/Conv2d layer to quantize")
     report = ConversionReport()
     last = len(layers) - 1
+    in_kept_blocks = kept_blocks(model, layers, keep_first_blocks, keep_last_blocks)
     for i, (name, module) in enumerate(layers):
         reason = None
         if isinstance(module, QuantLayerMixin):
@@ -92,6 +124,8 @@ def convert(
             reason = "first layer (quant.keep_first)"
         elif keep_last and i == last:
             reason = "last layer (quant.keep_last)"
+        elif name in in_kept_blocks:
+            reason = in_kept_blocks[name]
         elif any(fnmatch.fnmatch(name, p) for p in exclude):
             reason = "matches quant.exclude"
         elif module_filter is not None and not module_filter(module, name):

@@ -121,12 +121,20 @@ def _hash32_(h: Tensor, k1: int, k2: int) -> Tensor:
     return h.bitwise_xor_(k2)
 
 
+def index_noise(index: Tensor, k1: int | Tensor, k2: int | Tensor) -> Tensor:
+    """The noise of the flat element indices `index` (int64, overwritten), as uniform_noise draws it.
+
+    k1, k2 (seed_keys) may be 0-d int64 tensors: under torch.compile a new seed is then an input,
+    not a constant to recompile for.
+    """
+    _hash32_(index, k1, k2)
+    # top 24 bits -> exact float32 multiples of 2^-24 in [0, 1)
+    return index.bitwise_right_shift_(8).to(torch.float32).mul_(2.0**-24)
+
+
 def _noise_range(start: int, end: int, k1: int, k2: int, device) -> Tensor:
     """Noise of flat elements start..end-1."""
-    h = torch.arange(start, end, dtype=torch.int64, device=device)
-    _hash32_(h, k1, k2)
-    # top 24 bits -> exact float32 multiples of 2^-24 in [0, 1)
-    return h.bitwise_right_shift_(8).to(torch.float32).mul_(2.0**-24)
+    return index_noise(torch.arange(start, end, dtype=torch.int64, device=device), k1, k2)
 
 
 def uniform_noise(shape, seed: int, device=None) -> Tensor:

@@ -70,6 +70,13 @@ class QuantLayerMixin:
         n = self.noise
         return mix_seed(n.seed, n.step, n.draw, self.index, _SLOT_ID[slot])
 
+    def transform_key(self, gemm: int, fresh: bool) -> int:
+        """Key of a GEMM's transform signs: (seed, step, draw, layer, GEMM) when fresh every step, else
+        (seed, layer, GEMM); a pure function of the noise context, so resuming replays it."""
+        n = self.noise
+        tag = len(SLOTS) + gemm  # apart from the slot ids of grad_seed
+        return mix_seed(n.seed, n.step, n.draw, self.index, tag) if fresh else mix_seed(n.seed, self.index, tag)
+
     def used_bits(self) -> dict[str, int | None]:
         """Bits each slot used in the last forward/backward (None = full precision)."""
         return dict(self.record.bits)

@@ -18,11 +18,16 @@ from torch import nn
 
 from fqtrun.quant import backends
 from fqtrun.quant.bits import check_bits
+from fqtrun.quant.formats import FORMATS, SCALE_RULES, Format
+from fqtrun.quant.formats.elements import ROUNDINGS
+from fqtrun.quant.formats.quantizer import SLOT_DIMS, FormatQuantizer
 from fqtrun.quant.gradient import GRAD_GRIDS, GRADIENT_QUANTIZERS, PerSample, make_gradient_quantizer
 from fqtrun.quant.quantizers import RIDGE_FORMS, MinMaxQuantizer, RidgeQuantizer
+from fqtrun.quant.transforms import RandomHadamard, make_transform
 
 DW_QUANTIZERS = ("per_tensor", "per_column")
 BACKENDS = backends.BACKENDS  # simulate | int8 | auto
+SLOTS = backends.SLOTS
 
 
 @dataclass
@@ -57,6 +62,34 @@ class QuantConfig:
     # blocks of that many elements along each weight row (output channel) and each sample's activations
     block: Optional[int] = None
     ternary: bool = False  # ridge only: weight codes -1, 0, 1 (threshold 0.7 mean|w|) instead of bits_w
+    # number formats (spec/formats.md): `format` feeds every slot, format_<slot> sets one. int = the integer
+    # grids above at bits_* (grad/grad_dw pick the gradient quantizers); fp32 = full precision; or one of
+    # fqtrun.quant.formats.FORMATS: fp8_e4m3, fp8_e5m2 (tensorwise), fp8_e4m3_row, fp8_e5m2_row, fp8_e4m3_b128
+    # (DeepSeek tiles), mxfp8_e4m3, mxfp8_e5m2, mxfp6_e3m2, mxfp6_e2m3, mxfp4, nvfp4. A format slot quantizes
+    # each operand along the reduction dimension of the GEMM it feeds (quant/backends/simulate.py).
+    format: str = "int"
+    format_w: Optional[str] = None
+    format_a: Optional[str] = None
+    format_dx: Optional[str] = None
+    format_dw: Optional[str] = None
+    scale_rule: str = "floor"  # E8M0 scales of the MX formats: floor (OCP v1.0) | rceil (nothing saturates)
+    weight_blocks_2d: bool = False  # format_w in 2-D tiles (nvfp4 16x16, fp8_e4m3_b128 128x128): W, W^T alike
+    rounding_w: str = "nearest"  # nearest | stochastic, for a format slot (integer forward grids: nearest)
+    rounding_a: str = "nearest"
+    grad_rounding: str = "stochastic"  # format gradient slots; rounding_dx / rounding_dw set one
+    rounding_dx: Optional[str] = None
+    rounding_dw: Optional[str] = None
+    # random Hadamard transform (rht) on both operands of a backward GEMM, along its reduction, before a
+    # format gradient slot quantizes: grad_transform feeds both GEMMs, grad_transform_dx/dw one (none: off)
+    grad_transform: Optional[str] = None
+    grad_transform_dx: Optional[str] = None
+    grad_transform_dw: Optional[str] = None
+    rht_block: int = 16  # 16 | 32 | 64 | 128
+    rht_signs: str = "step"  # step: fresh signs every step | fixed: one set per layer and GEMM
+    # layer selection: the first / last N blocks in full precision (a block: an entry of the model's
+    # `blocks`, e.g. a transformer block; models without `blocks`: one quantizable layer each)
+    keep_first_blocks: int = 0
+    keep_last_blocks: int = 0
 
 
 def build_recipe(**settings) -> QuantConfig:
@@ -70,6 +103,7 @@ def build_recipe(**settings) -> QuantConfig:
 def validate(cfg: QuantConfig) -> None:
     """Fail early, one line per problem, before any data or model is built."""
     validate_dequant(cfg)
+    validate_formats(cfg)
     if cfg.dequant == "ste":
         for slot in ("bits_w", "bits_a"):
             check_bits(getattr(cfg, slot), f"quant.{slot}")
@@ -102,6 +136,11 @@ def validate_backend(cfg: QuantConfig) -> None:
     if cfg.dequant != "ste":
         raise ValueError(f"quant.backend=int8 needs quant.dequant=ste (the {cfg.dequant} dequantizer has no integer "
                          "grid): use quant.backend=auto or simulate")
+    floats = [s for s in SLOTS if slot_format(cfg, s) not in ("int", "fp32")]
+    if floats:
+        raise ValueError(f"quant.backend=int8 runs integer grids only, and quant.format_{floats[0]}="
+                         f"{slot_format(cfg, floats[0])}: use quant.backend=simulate, or auto (int8 where a layer "
+                         "allows, simulate elsewhere)")
     slots = ("bits_w", "bits_a") + (("bits_dx", "bits_dw") if cfg.grad is not None else ())
     for slot in slots:
         if getattr(cfg, slot) > 8:
@@ -116,10 +155,112 @@ def _grad_quantizer(name: str, bits: int, setting: str):
         raise ValueError(f"{setting}={bits}, quant.grad={name}: {e}") from None
 
 
+# ----- number formats per slot --------------------------------------------------------------------
+def slot_format(cfg: QuantConfig, slot: str) -> str:
+    """The format name a slot uses: its format_<slot>, else quant.format."""
+    own = getattr(cfg, f"format_{slot}")
+    return cfg.format if own is None else own
+
+
+def slot_rounding(cfg: QuantConfig, slot: str) -> str:
+    if slot in ("w", "a"):
+        return getattr(cfg, f"rounding_{slot}")
+    own = getattr(cfg, f"rounding_{slot}")
+    return cfg.grad_rounding if own is None else own
+
+
+def slot_transform(cfg: QuantConfig, slot: str) -> RandomHadamard | None:
+    """The transform of gradient slot dx / dw's GEMM (None for w, a and without one; quant.grad_transform
+    applies to the float-format gradient slots)."""
+    if slot in ("w", "a"):
+        return None
+    own = getattr(cfg, f"grad_transform_{slot}")
+    setting = f"quant.grad_transform_{slot}" if own is not None else "quant.grad_transform"
+    return make_transform(cfg.grad_transform if own is None else own, cfg.rht_block, cfg.rht_signs, setting)
+
+
+def slot_number_format(cfg: QuantConfig, slot: str) -> Format | None:
+    """The Format of a float-format slot, None for int / fp32 (one-line ValueError for a bad name)."""
+    name = slot_format(cfg, slot)
+    if name in ("int", "fp32"):
+        return None
+    if name not in FORMATS:
+        key = f"quant.format_{slot}" if getattr(cfg, f"format_{slot}") is not None else "quant.format"
+        raise ValueError(f"{key}={name!r} is unknown: use int, fp32 or one of {', '.join(FORMATS)}")
+    fmt = FORMATS[name]
+    try:
+        return fmt.with_options(scale_rule=cfg.scale_rule if fmt.scale == "e8m0" else None,
+                                block_2d=slot == "w" and cfg.weight_blocks_2d)
+    except ValueError as e:
+        raise ValueError(f"quant.format_{slot}={name}: {e} (quant.weight_blocks_2d)") from None
+
+
+def validate_formats(cfg: QuantConfig) -> None:
+    """Checks of the format, rounding, transform and layer-selection settings (one line each)."""
+    if cfg.scale_rule not in SCALE_RULES:
+        raise ValueError(f"quant.scale_rule={cfg.scale_rule!r} is unknown: use one of {', '.join(SCALE_RULES)}")
+    fmts = {s: slot_number_format(cfg, s) for s in SLOTS}
+    if cfg.scale_rule != "floor" and not any(f is not None and f.scale == "e8m0" for f in fmts.values()):
+        raise ValueError(f"quant.scale_rule={cfg.scale_rule} applies to MX formats, and no slot uses one: "
+                         "set quant.format=mxfp8_e4m3 (or another mx*), or drop quant.scale_rule")
+    if cfg.grad is not None and fmts["dx"] is not None:
+        raise ValueError(f"quant.grad={cfg.grad} picks the integer dx quantizer, but quant.format_dx is "
+                         f"{fmts['dx'].name}: use +quant=<a format recipe>, or drop quant.grad")
+    if cfg.weight_granularity != "tensor" and fmts["w"] is not None:
+        raise ValueError(f"quant.weight_granularity={cfg.weight_granularity} sets the integer weight grid, but "
+                         f"quant.format_w is {fmts['w'].name} (its scales follow the format): drop it")
+    if cfg.weight_blocks_2d and fmts["w"] is None:
+        raise ValueError("quant.weight_blocks_2d=true needs a block-scaled quant.format_w (nvfp4, mx*, "
+                         "fp8_e4m3_b128)")
+    for slot in SLOTS:  # a slot's own setting needs a float format there (no effect otherwise)
+        rounding, key = slot_rounding(cfg, slot), f"quant.rounding_{slot}"
+        own = slot in ("w", "a") or getattr(cfg, f"rounding_{slot}") is not None
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"{key if own else 'quant.grad_rounding'}={rounding!r} is unknown: use one of "
+                             f"{', '.join(ROUNDINGS)}")
+        transform = slot_transform(cfg, slot)
+        if fmts[slot] is not None:
+            continue
+        kind = slot_format(cfg, slot)
+        if own and rounding != ("nearest" if slot in ("w", "a") else "stochastic"):
+            raise ValueError(f"{key}={rounding} needs a float quant.format_{slot}: {kind} slots have their own "
+                             "rounding (integer grids: nearest forward, stochastic gradients)")
+        if transform is not None and getattr(cfg, f"grad_transform_{slot}") is not None:
+            raise ValueError(f"quant.grad_transform_{slot}={transform.name} needs a float quant.format_{slot} (it "
+                             f"transforms the operands that format quantizes; quant.format_{slot} is {kind})")
+    if not (fmts["dx"] or fmts["dw"]):  # the gradient group's settings need one float gradient slot
+        if cfg.grad_rounding != "stochastic":
+            raise ValueError(f"quant.grad_rounding={cfg.grad_rounding} needs a float quant.format_dx or format_dw "
+                             "(integer gradient grids round stochastically)")
+        if cfg.grad_transform is not None and cfg.grad_transform != "none":
+            raise ValueError(f"quant.grad_transform={cfg.grad_transform} needs a float quant.format_dx or format_dw "
+                             "(it transforms the operands those formats quantize; the integer grids have "
+                             "quant.grad=householder)")
+    if cfg.compile and all(slot_format(cfg, s) != "int" for s in SLOTS):
+        raise ValueError("quant.compile=true fuses the integer quantizers, and every slot has a float format "
+                         "(they run their own C kernel pass): drop quant.compile")
+    if cfg.dequant == "ridge" and any(f is not None for f in fmts.values()):
+        raise ValueError("quant.dequant=ridge fits integer grids only: drop quant.format* (or use quant.dequant=ste)")
+    for key in ("keep_first_blocks", "keep_last_blocks"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"quant.{key}={getattr(cfg, key)} must be >= 0 (blocks kept in full precision)")
+
+
+def format_slot(cfg: QuantConfig, slot: str) -> FormatQuantizer:
+    """The FormatQuantizer of a float-format slot (its format, rounding and GEMM transform)."""
+    return FormatQuantizer(slot_number_format(cfg, slot), slot_rounding(cfg, slot), slot_transform(cfg, slot),
+                           dim=SLOT_DIMS[slot], setting=f"quant.format_{slot}")
+
+
 def slot_factory(cfg: QuantConfig):
     """(slot, module) -> a fresh quantizer for that slot of that layer, or None (full precision)."""
 
     def make(slot: str, module: nn.Module):
+        name = slot_format(cfg, slot)
+        if name == "fp32":
+            return None
+        if name != "int":
+            return format_slot(cfg, slot)
         if slot in ("w", "a") and cfg.dequant == "ridge":
             return ridge_slot(cfg, slot)
         if slot == "w":

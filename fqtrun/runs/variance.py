@@ -1,9 +1,14 @@
 """The gradient-variance study behind `fqtrun variance` (spec/fqt.md, "Measuring gradient variance").
 
 The forward pass is the QAT forward at variance.forward_bits (weights and input activations,
-nearest rounding); only the gradient quantizers change: dY of the input-gradient GEMM (dX) at the
-studied bits with each quantizer, dY of the weight-gradient GEMM (dW) with variance.dw_quantizer at
-variance.dw_bits (null = the studied bits, the stricter protocol; 8 = the paper's protocol).
+nearest rounding); only the gradient quantizers change. A variance.quantizers entry is
+- an integer gradient quantizer (per_tensor, per_sample, householder; ptq, psq, bhq): dY of the
+  input-gradient GEMM (dX) at each of variance.bits, dY of the weight-gradient GEMM (dW) with
+  variance.dw_quantizer at variance.dw_bits (null = the studied bits; 8 = the paper's protocol);
+- or a quant recipe (conf/quant/<name>.yaml, e.g. mxfp4_sr, mxfp4_rht_sr, nvfp4), optionally with
+  settings of its own, `name:key=value:key=value` (e.g. "nvfp4:grad_transform_dw=none"): its dx and
+  dw slots as the recipe sets them (format, rounding, transform), measured once, in the column of
+  the dx slot's bits.
 `run_study` writes variance.json, variance.csv and variance.png and returns the data.
 """
 
@@ -16,20 +21,33 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig
 from rich import box
 from rich.table import Table
 
+from fqtrun import conf
 from fqtrun.analysis.variance import (
+    DX_QUANTIZERS,
+    SlotMaker,
     VarianceResult,
     canonical_quantizer,
     fqt_slots,
     held_batches,
     measure_variance,
 )
-from fqtrun.build import build_model, build_task, checkpoint_path, load_weights, pick_device, quantize_model
+from fqtrun.build import (
+    build_model,
+    build_recipe,
+    build_task,
+    checkpoint_path,
+    load_weights,
+    pick_device,
+    quantize_model,
+)
 from fqtrun.errors import ConfigError, NumericsError
 from fqtrun.files import write_json
 from fqtrun.quant.bits import check_bits
@@ -37,7 +55,7 @@ from fqtrun.quant.gradient import make_gradient_quantizer
 from fqtrun.quant.layers import NoiseContext
 from fqtrun.quant.numerics import NonFiniteError
 from fqtrun.quant.quantizers import GRANULARITIES
-from fqtrun.quant.recipe import DW_QUANTIZERS, QuantConfig
+from fqtrun.quant.recipe import DW_QUANTIZERS, QuantConfig, slot_factory
 from fqtrun.training.checkpoint import load_checkpoint
 
 
@@ -70,15 +88,45 @@ def register_variance_schema(cs: ConfigStore | None = None) -> None:
     (cs or ConfigStore.instance()).store(name="variance_schema", node=VarianceCommandConfig)
 
 
-def validate(v) -> list[str]:
-    """Checks the study settings; returns the canonical quantizer names (aliases resolved)."""
+def recipe_setup(entry: str) -> tuple[SlotMaker, int]:
+    """(the dx/dw slots of a quant recipe entry "name[:key=value...]", the dx slot's bits); ConfigError."""
+    name, *settings = entry.split(":")
+    if not (Path(conf.__file__).parent / "quant" / f"{name}.yaml").is_file():
+        raise ConfigError(f"variance.quantizers holds unknown quantizer {name!r}: use {', '.join(DX_QUANTIZERS)} "
+                          "or a quant recipe (conf/quant: mxfp4_sr, mxfp4_rht_sr, nvfp4, ...)")
+    if any("=" not in kv for kv in settings):
+        raise ConfigError(f"variance.quantizers entry {entry!r}: write a recipe's own settings as "
+                          "name:key=value:key=value (e.g. \"nvfp4:grad_transform_dw=none\")")
+    overrides = [f"+quant={name}", *(f"quant.{kv}" for kv in settings)]
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside the fqtrun variance app: its config dir
+            node = compose(config_name="train", overrides=overrides).quant
+        else:
+            with initialize_config_module("fqtrun.conf", version_base="1.3"):
+                node = compose(config_name="train", overrides=overrides).quant
+    except Exception as e:  # noqa: BLE001 (Hydra's override and schema errors: one line, the entry named)
+        raise ConfigError(f"variance.quantizers entry {entry!r}: {' '.join(str(e).split())[:200]}") from None
+    recipe = build_recipe(node)
+    make = slot_factory(recipe)
+    probe = torch.nn.Linear(1, 1)
+    if make("dx", probe) is None and make("dw", probe) is None:
+        raise ConfigError(f"variance.quantizers entry {entry!r}: the recipe quantizes no gradient (its dx and dw "
+                          "slots are full precision): nothing to measure")
+    dx = make("dx", probe) or make("dw", probe)
+    return make, dx.bits
+
+
+def validate(v) -> tuple[list[str], dict[str, tuple[SlotMaker, int]]]:
+    """Checks the study settings; (the entries' labels, aliases resolved; the recipe entries' setups)."""
     if not v.quantizers:
         raise ConfigError("variance.quantizers is empty: pass e.g. variance.quantizers=[per_tensor,per_sample]")
     if not v.bits:
         raise ConfigError("variance.bits is empty: pass e.g. variance.bits=[4,8]")
-    names = [canonical_quantizer(q) for q in v.quantizers]
+    names = [canonical_quantizer(q) if q in DX_QUANTIZERS else q for q in v.quantizers]
     if len(set(names)) != len(names):
         raise ConfigError(f"variance.quantizers={list(v.quantizers)} names a quantizer twice (aliases count)")
+    recipes = {q: recipe_setup(q) for q in names if q not in DX_QUANTIZERS}
+    names = [q for q in names if q not in recipes]
     if v.dw_quantizer not in DW_QUANTIZERS:
         raise ConfigError(f"variance.dw_quantizer={v.dw_quantizer!r} is unknown: use one of {', '.join(DW_QUANTIZERS)}")
     for name, bits in ((q, b) for q in names for b in v.bits):
@@ -101,7 +149,7 @@ def validate(v) -> list[str]:
     for key, low in (("k", 1), ("batches", 2), ("batch_size", 1)):
         if getattr(v, key) < low:
             raise ConfigError(f"variance.{key}={getattr(v, key)} must be >= {low}")
-    return names
+    return names + list(recipes), recipes
 
 
 def study_model(cfg: DictConfig, bundle, noise: NoiseContext, name: str) -> torch.nn.Module:
@@ -121,7 +169,7 @@ def study_model(cfg: DictConfig, bundle, noise: NoiseContext, name: str) -> torc
 def run_study(cfg: DictConfig, out_dir: Path, model_name: str) -> tuple[dict, Table]:
     """Measure; write variance.json / variance.csv / variance.png into out_dir; (the data, its table)."""
     v = cfg.variance
-    names = validate(v)
+    names, recipes = validate(v)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,8 +178,10 @@ def run_study(cfg: DictConfig, out_dir: Path, model_name: str) -> tuple[dict, Ta
     noise = NoiseContext(seed=cfg.seed)
     model = study_model(cfg, bundle, noise, model_name).to(device)
     batches = held_batches(bundle.train, v.batch_size, v.batches, cfg.seed)
-    bits = sorted({int(b) for b in v.bits})
-    setups = {(q, b): fqt_slots(q, b, v.dw_quantizer, v.dw_bits) for q in names for b in bits}
+    bits = sorted({int(b) for b in v.bits} | {b for _, b in recipes.values()})
+    setups = {(q, b): fqt_slots(q, b, v.dw_quantizer, v.dw_bits) for q in names if q not in recipes
+              for b in bits if b in v.bits}
+    setups.update({(q, b): make for q, (make, b) in recipes.items()})
     try:
         res = measure_variance(model, batches, setups, k=v.k, loss_fn=build_task(cfg, bundle).loss, seed=cfg.seed)
     except NonFiniteError as err:
@@ -159,7 +209,7 @@ def to_json(res: VarianceResult, names: list[str], bits: list[int], settings: di
         "layers": res.layers,
         "sampling": {"total": res.sampling, "per_layer": res.sampling_per_layer},
         "quantization": {q: {str(b): {"total": res.quant[(q, b)], "per_layer": res.quant_per_layer[(q, b)]}
-                             for b in bits} for q in names},
+                             for b in bits if (q, b) in res.quant} for q in names},
     }
 
 
@@ -171,7 +221,7 @@ def write_csv(path: Path, res: VarianceResult, names: list[str], bits: list[int]
         for layer in ["total", *res.layers]:
             w.writerow(["sampling", "", "", layer, res.sampling if layer == "total" else res.sampling_per_layer[layer]])
         for q in names:
-            for b in bits:
+            for b in (b for b in bits if (q, b) in res.quant):
                 per = res.quant_per_layer[(q, b)]
                 for layer in ["total", *res.layers]:
                     w.writerow(["quantization", q, b, layer, res.quant[(q, b)] if layer == "total" else per[layer]])
@@ -179,6 +229,8 @@ def write_csv(path: Path, res: VarianceResult, names: list[str], bits: list[int]
 
 def drop_per_bit(values: list[float], bits: list[int]) -> float:
     """Geometric-mean factor by which the variance falls per extra bit, first to last bit-width."""
+    if len(bits) < 2:
+        return float("nan")
     span = bits[-1] - bits[0]
     if span <= 0 or values[0] <= 0 or values[-1] <= 0:
         return float("nan")
@@ -198,9 +250,10 @@ def table(res: VarianceResult, names: list[str], bits: list[int], settings: dict
     t.add_column("x/bit", justify="right", no_wrap=True)
     order = sorted(range(len(bits)), key=lambda i: bits[i])
     for q in names:
-        vals = [res.quant[(q, b)] for b in bits]
-        drop = drop_per_bit([vals[i] for i in order], [bits[i] for i in order])
-        t.add_row(q, *(f"{x:.2e}" for x in vals), "-" if math.isnan(drop) else f"{drop:.2f}x")
+        have = [i for i in order if (q, bits[i]) in res.quant]
+        drop = drop_per_bit([res.quant[(q, bits[i])] for i in have], [bits[i] for i in have])
+        t.add_row(q, *(f"{res.quant[(q, b)]:.2e}" if (q, b) in res.quant else "-" for b in bits),
+                  "-" if math.isnan(drop) else f"{drop:.2f}x")
     return t
 
 
@@ -214,7 +267,7 @@ def plot(path: Path, res: VarianceResult, names: list[str], bits: list[int], tit
     ax = fig.add_subplot()
     xs = sorted(bits)
     for q in names:
-        pts = [(b, res.quant[(q, b)]) for b in xs if res.quant[(q, b)] > 0]
+        pts = [(b, res.quant[(q, b)]) for b in xs if res.quant.get((q, b), 0) > 0]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=q)
     if res.sampling > 0:
         ax.axhline(res.sampling, color="black", linestyle="--", label="sampling variance")

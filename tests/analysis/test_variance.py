@@ -219,6 +219,10 @@ def test_command_loads_a_checkpoint_and_refuses_another_model(tmp_path):
     ("variance.bits=[1,4]", r"variance.bits=1 .*out of range: use 2\.\.16 bits"),
     ("variance.dw_quantizer=householder", "variance.dw_quantizer"),
     ("variance.batches=1", "variance.batches=1 must be >= 2"),
+    ("variance.quantizers=[psq,mxfp9]", "unknown quantizer 'mxfp9'.*or a quant recipe"),
+    ("variance.quantizers=[psq,qat]", "the recipe quantizes no gradient"),
+    ("variance.quantizers=[psq,nvfp4:grad_transform_dw]", "name:key=value"),
+    ('variance.quantizers=[psq,"nvfp4:rht_block=24"]', "rht_block=24"),
 ])
 def test_command_bad_input(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):

@@ -35,6 +35,7 @@ from fqtrun.quant import fused, grid
 from fqtrun.quant.backends.base import Backend, RunRecord
 from fqtrun.quant.backends.int_gemm import gemm_input, int8_gemm
 from fqtrun.quant.backends.simulate import Simulate
+from fqtrun.quant.formats.quantizer import FormatQuantizer
 from fqtrun.quant.gradient import quantize_pair
 from fqtrun.quant.health import named_slot
 from fqtrun.quant.quantizers import MinMaxQuantizer
@@ -278,7 +279,10 @@ class Auto(Int8):
 
 
 def _operand_refusal(layer) -> str | None:
-    """Why the forward operands (slots a, w) have no int8 codes, or None."""
+    """Why the forward operands (slots a, w) have no int8 codes (or a slot holds a number format), or None."""
+    for s, q in layer.slots.items():
+        if isinstance(q, FormatQuantizer):
+            return f"slot {s}: {q.name} is a number format, not an integer grid"
     if getattr(layer.slots["w"], "takes_mask", False):
         return "weight quantizer fits against the dense weight"
     for s in ("a", "w"):

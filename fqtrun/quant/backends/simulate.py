@@ -1,7 +1,8 @@
-"""The simulate backend: fp32 GEMMs on fake-quantized (dequantized) operands (spec/fqt.md).
+"""The simulate backend: fp32 GEMMs on fake-quantized (dequantized) operands (spec/fqt.md, spec/formats.md).
 
-Forward: Y = X_hat W_hat^T (the layer's own linear or convolution) on the slot-a and slot-w
-fake-quantized operands. With a gradient slot quantized, the autograd Functions below run the
+Integer grids (every slot an integer quantizer or full precision, today's recipes): forward
+Y = X_hat W_hat^T (the layer's own linear or convolution) on the slot-a and slot-w fake-quantized
+operands. With a gradient slot quantized, the autograd Functions FQTLinear / FQTConv run the
 backward, for the 2-D view dY (N, out):
     dX = Q_dx(dY) W_hat          (input-gradient GEMM, PTQ / PSQ / BHQ at bits_dx)
     dW = Q_dw(dY)^T X_hat        (weight-gradient GEMM, per-tensor / per-column at bits_dw)
@@ -9,6 +10,21 @@ Conv layers quantize dY for dX with one row per sample over C*H*W, and for dW wi
 column per output channel (rows = batch x positions, the GEMM's reduction), so per-column
 scales commute with the reduction. The bias gradient is the exact sum of dY. Without a
 gradient quantizer (QAT) plain autograd differentiates the GEMM (straight-through operands).
+
+Number formats (a slot holding a FormatQuantizer; `PerGemm`): every operand of each of the three
+GEMMs is quantized along the dimension that GEMM reduces over, in the layer's GEMM view (Linear:
+X as (tokens, in), dY as (tokens, out); Conv: (batch, channels, *spatial); W as (out, in, ...)):
+    forward  Y  = Q_a(X; in)  Q_w(W; in)^T
+    dX GEMM  dX = Q_dx(dY R; out) Q_w(R^T W; out)        R: the dx slot's transform (or I)
+    dW GEMM  dW = Q_dw(R^T dY; tokens)^T Q_a(R^T X; tokens)
+So W and X are requantized from full precision for their second GEMM (as TransformerEngine's
+rowwise/columnwise copies), except where the orientation cannot matter (one tensor scale, 2-D
+weight tiles: NVFP4's 16x16 blocks make W and W^T identical) and no transform intervenes: then
+the forward's values are reused. An integer slot keeps its forward values in both of its GEMMs
+(transformed when the GEMM has a transform). A gradient slot's transform (RHT) acts on both
+operands of its GEMM along the reduction, with one key, so it cancels in the product. Conv layers
+reduce over the batch in the dW GEMM's blocks and transform (positions shift under the kernel's
+taps, the batch does not), over channels in the other two.
 """
 
 from __future__ import annotations
@@ -17,17 +33,31 @@ import torch
 from torch import nn
 
 from fqtrun.quant.backends.base import Backend, RunRecord
+from fqtrun.quant.formats.quantizer import FormatQuantizer
+from fqtrun.quant.grid import mix_seed
 from fqtrun.quant.health import named_slot
 
 Tensor = torch.Tensor
 
+GEMM_IDS = {"fwd": 0, "dx": 1, "dw": 2}
+
 
 class Simulate(Backend):
-    """fp32 GEMMs on dequantized values; records the bits (its GEMMs are reported as "simulate")."""
+    """fp32 GEMMs on dequantized values; records the bits (its GEMMs are reported as "simulate").
+
+    per_gemm=True runs every layer through PerGemm (operands quantized per GEMM), also layers whose
+    slots are all integer grids (the variance study does, to compare them with format slots).
+    """
 
     name = "simulate"
 
+    def __init__(self, compile: bool = False, per_gemm: bool = False):
+        super().__init__(compile)
+        self.per_gemm = per_gemm
+
     def run(self, layer, x: Tensor, record: RunRecord) -> Tensor:
+        if self.per_gemm or has_formats(layer):
+            return PerGemm.apply(x, layer.masked_weight(), layer.bias, layer, record)
         x_hat, w_hat = quantized_operands(layer, x, record)
         if layer.fully_quantized and torch.is_grad_enabled():
             fqt = FQTLinear if isinstance(layer, nn.Linear) else FQTConv
@@ -125,13 +155,97 @@ class FQTConv(_FQTFunction):
         layer, record = ctx.layer, ctx.record
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gq = quantize_grad(layer, record, "dx", gy.reshape(gy.shape[0], -1)).reshape(gy.shape)
+            gq = conv_grad_view(gy, "dx", lambda m: quantize_grad(layer, record, "dx", m))
             gx = conv_backward(layer, gq, x, w, input_grad=True)
         if ctx.needs_input_grad[1]:
-            cols = gy.movedim(1, -1)  # (B, *spatial, C_out)
-            gq = quantize_grad(layer, record, "dw", cols.reshape(-1, gy.shape[1]))
-            gq = gq.reshape(cols.shape).movedim(-1, 1)
+            gq = conv_grad_view(gy, "dw", lambda m: quantize_grad(layer, record, "dw", m))
             gw = conv_backward(layer, gq, x, w, input_grad=False)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.sum(dim=[d for d in range(gy.dim()) if d != 1])
+        return gx, gw, gb, None, None
+
+
+def conv_grad_view(gy: Tensor, slot: str, quantize) -> Tensor:
+    """quantize(m) on the integer gradient quantizers' matrix m of a conv's dY, folded back to gy's shape:
+    dx: one row per sample over C*H*W; dw: one column per output channel, rows = batch x positions."""
+    if slot == "dx":
+        return quantize(gy.reshape(gy.shape[0], -1)).reshape(gy.shape)
+    cols = gy.movedim(1, -1)  # (B, *spatial, C_out)
+    return quantize(cols.reshape(-1, gy.shape[1])).reshape(cols.shape).movedim(-1, 1)
+
+
+# ----- number formats: operands quantized per GEMM ----------------------------------------------
+def has_formats(layer) -> bool:
+    """True when a slot holds a number format (then PerGemm runs the layer)."""
+    return any(isinstance(q, FormatQuantizer) for q in layer.slots.values())
+
+
+def _slot_seed(layer, slot: str, gemm: str) -> int:
+    """SR seed of forward slot w or a in one of its two GEMMs (a pure function of the noise context)."""
+    return mix_seed(layer.grad_seed(slot), GEMM_IDS[gemm])
+
+
+def _forward_operand(layer, record: RunRecord, slot: str, t: Tensor) -> Tensor:
+    """Slot w or a on t along dim 1 (the forward GEMM's in-features / channels)."""
+    q = record.use(slot, layer.slots[slot])
+    if q is None:
+        return t
+    if isinstance(q, FormatQuantizer):
+        return q.fake(t, 1, _slot_seed(layer, slot, "fwd"))
+    return q.codes(t).dequantize()  # an integer grid (MinMaxQuantizer): one grid, both GEMMs
+
+
+def _backward_operand(layer, slot: str, fp: Tensor, fwd: Tensor, dim: int, gemm: str, transform,
+                      key: int | None) -> Tensor:
+    """W (dX GEMM, dim 0) or X (dW GEMM, dim 0) as that GEMM's operand (see the module docstring)."""
+    q = layer.slots[slot]
+    if isinstance(q, FormatQuantizer) and (transform is not None or not q.orientation_free):
+        return q.fake(fp, dim, _slot_seed(layer, slot, gemm), transform, key)
+    return fwd if transform is None else transform.forward(fwd, dim, key)
+
+
+def _grad_operand(layer, record: RunRecord, slot: str, g: Tensor, dim: int, conv: bool):
+    """(dY as the operand of slot's GEMM, the GEMM's transform or None, its key)."""
+    q = record.use(slot, layer.slots[slot])
+    if q is None:
+        return g, None, None
+    if not isinstance(q, FormatQuantizer):  # an integer gradient quantizer, on its own matrix view
+        seed = layer.grad_seed(slot)
+        return (conv_grad_view(g, slot, lambda m: q(m, seed)) if conv else q(g, seed)), None, None
+    t = q.transform
+    key = None if t is None else layer.transform_key(GEMM_IDS[slot], t.fresh)
+    return q.fake(g, dim, layer.grad_seed(slot), t, key), t, key
+
+
+class PerGemm(torch.autograd.Function):
+    """Linear / Conv with every GEMM operand quantized along its GEMM's reduction (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None, layer, record: RunRecord) -> Tensor:
+        linear = isinstance(layer, nn.Linear)
+        x2 = x.reshape(-1, x.shape[-1]) if linear else x  # (tokens, in) | (batch, channels, *spatial)
+        a_hat = _forward_operand(layer, record, "a", x2)
+        w_hat = _forward_operand(layer, record, "w", w)
+        y = gemm(layer, a_hat, w_hat, bias)
+        ctx.save_for_backward(x2, w, a_hat, w_hat)
+        ctx.layer, ctx.record, ctx.x_shape, ctx.linear = layer, record, x.shape, linear
+        ctx.has_bias = bias is not None
+        return y.view(*x.shape[:-1], w.shape[0]) if linear else y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        x2, w, a_hat, w_hat = ctx.saved_tensors
+        layer, record, linear = ctx.layer, ctx.record, ctx.linear
+        g = gy.reshape(-1, gy.shape[-1]) if linear else gy
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            g_op, t, key = _grad_operand(layer, record, "dx", g, 1, not linear)
+            w_op = _backward_operand(layer, "w", w, w_hat, 0, "dx", t, key)
+            gx = (g_op @ w_op).reshape(ctx.x_shape) if linear else conv_backward(layer, g_op, x2, w_op, True)
+        if ctx.needs_input_grad[1]:
+            g_op, t, key = _grad_operand(layer, record, "dw", g, 0, not linear)
+            a_op = _backward_operand(layer, "a", x2, a_hat, 0, "dw", t, key)
+            gw = g_op.t() @ a_op if linear else conv_backward(layer, g_op, a_op, w, False)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0) if linear else gy.sum(dim=[d for d in range(gy.dim()) if d != 1])
         return gx, gw, gb, None, None

@@ -34,18 +34,7 @@ static inline vf vload(const float *p) {
 }
 static inline vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 
-/* grid.uniform_noise of flat element i < 2^32: lowbias32(i ^ k1) ^ k2, top 24 bits times 2^-24
-   (32-bit arithmetic: the int64 form keeps only the low 32 bits of every product). */
-static inline float noise_at(uint32_t i, uint32_t k1, uint32_t k2) {
-    uint32_t h = i ^ k1;
-    h ^= h >> 16;
-    h *= 0x7FEB352DU;
-    h ^= h >> 15;
-    h *= 0x846CA68BU;
-    h ^= h >> 16;
-    h ^= k2;
-    return (float)(int32_t)(h >> 8) * 0x1p-24f;
-}
+#include "noise.h"
 
 /* min / max that keep a NaN once seen (torch.amin / amax propagate NaN) */
 static inline float min_nan(float a, float v) { return ((v < a) | (v != v)) ? v : a; }

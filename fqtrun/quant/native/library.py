@@ -88,34 +88,44 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-@functools.cache
-def load() -> ctypes.CDLL | None:
-    """The compiled kernels (built once per source, flags, compiler and machine), or None with a warning."""
+SHARED = [Path(__file__).with_name("noise.h")]  # headers the kernels #include (part of the cache key)
+
+
+def build(name: str, source: str) -> ctypes.CDLL | None:
+    """C `source` compiled for this machine and loaded, cached by source, headers, flags, compiler and CPU;
+    None with a warning when there is no compiler or the build fails (FQTRUN_NATIVE=0 turns it off)."""
     cc = _compiler()
     if cc is None or os.environ.get("FQTRUN_NATIVE", "1") == "0":
         return None
     try:
-        source = SOURCE.read_text()
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        parts = [source, *flags(), version, platform.machine(), *_cpu_flags()]
+        parts = [source, *(h.read_text() for h in SHARED), *flags(), version, platform.machine(), *_cpu_flags()]
         key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-        path = _cache_dir() / f"kernels-{key}.so"
+        path = _cache_dir() / f"{name}-{key}.so"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                lib = Path(tmp) / "kernels.so"
-                subprocess.run([cc, *flags(), str(SOURCE), "-o", str(lib), "-lm"], check=True, capture_output=True,
-                               text=True, timeout=120)
+                src, lib = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
+                src.write_text(source)
+                subprocess.run([cc, *flags(), "-I", str(SOURCE.parent), str(src), "-o", str(lib), "-lm"],
+                               check=True, capture_output=True, text=True, timeout=120)
                 os.replace(lib, path)  # atomic: parallel sweep jobs may build it at the same time
-        so = ctypes.CDLL(str(path))
+        return ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", "") or err
+        warnings.warn(f"{name} native kernels unavailable ({str(detail)[:200]}); using the torch forms")
+        return None
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The compiled quantizer kernels (kernels.c), or None."""
+    so = build("kernels", SOURCE.read_text())
+    if so is not None:
         for name, args in _SIGNATURES.items():
             fn = getattr(so, name)
             fn.restype, fn.argtypes = ctypes.c_int, args
-        return so
-    except (OSError, subprocess.SubprocessError) as err:
-        detail = getattr(err, "stderr", "") or err
-        warnings.warn(f"quantizer native kernels unavailable ({str(detail)[:200]}); using the torch forms")
-        return None
+    return so
 
 
 def ptr(t: Tensor | None) -> int | None:
