@@ -73,6 +73,17 @@ def test_run_table_mean_std_mean_ratio_count(tmp_path):
     assert (tmp_path / TABLES_FILE).read_text() == text
 
 
+def test_gap_to_a_reference_source(tmp_path):
+    """Losses 1.80, 1.84 (mean 1.82) against fp32's 1.70, 1.72, 1.74 (mean 1.72): gap +0.1000; fp32's own 0."""
+    summaries = {"fp32": [{"final_test_loss": v} for v in (1.70, 1.72, 1.74)],
+                 "q4": [{"final_test_loss": v} for v in (1.80, 1.84)]}
+    gap = {"_target_": T + "Gap", "key": "final_test_loss", "reference": "fp32"}
+    table = {"_target_": T + "RunTable", "header": ["run", "gap"], "rows": {"fp32": ["fp32"], "q4": ["4-bit"]},
+             "columns": [gap]}
+    assert table_lines(experiment_report(folder_with(tmp_path, [table], summaries)))[2:] == [
+        "| fp32 | +0.0000 |", "| 4-bit | +0.1000 |"]
+
+
 def test_grid_table_and_line(tmp_path):
     summaries = {"a4": [{"final_test_acc": 0.5}], "a8": [{"final_test_acc": 0.75}], "b4": [{"final_test_acc": 0.125}],
                  "b8": [{"final_test_acc": 1.0}]}

@@ -95,6 +95,24 @@ class Ratio(Cell):
 
 
 @dataclass
+class Gap(Cell):
+    """Mean of `key` over the source's seeds minus the same over the `reference` source's (e.g. the
+    validation-loss gap to fp32), signed."""
+
+    key: str
+    reference: str
+    digits: int = 4
+
+    def __call__(self, source: str, results: Results) -> str:
+        gap = statistics.fmean(values(results, source, self.key)) - statistics.fmean(
+            values(results, self.reference, self.key))
+        return f"{gap:+.{self.digits}f}"
+
+    def sources(self) -> list[str]:
+        return [self.reference]
+
+
+@dataclass
 class Count(Cell):
     """How many seeds the source has."""
 
