@@ -46,10 +46,10 @@ def test_bench_names_the_layer_that_met_nan(tmp_path: Path, monkeypatch):
     build = suite.linear_model
 
     def poisoned(*args):
-        name, model, shape = build(*args)
+        name, model, shape, classes = build(*args)
         with torch.no_grad():
             model.head.weight.fill_(float("inf"))
-        return name, model, shape
+        return name, model, shape, classes
 
     monkeypatch.setattr(suite, "linear_model", poisoned)
     with pytest.raises(NumericsError, match="weights of layer head, slot w while benchmarking at 1 thread"):
