@@ -57,10 +57,10 @@ def test_gpt2_initialisation():
     assert all(float(m.bias.detach().abs().max()) == 0 for m in model.modules() if isinstance(m, nn.Linear) and m.bias is not None)
 
 
-@pytest.mark.parametrize("tie,rel", [(False, 0.01), (True, 0.04)])
+@pytest.mark.parametrize("tie,rel", [(False, 0.02), (True, 0.04)])
 def test_an_untrained_model_predicts_uniformly(tie, rel):
-    """Loss of the fresh default-sized model on the embedded corpus: ln(vocab) within 1% untied (measured
-    +0.3%: random logits add their variance); within 4% tied, where the input token's own logit is
+    """Loss of the fresh default-sized model on the embedded corpus: ln(vocab) within 2% untied (measured
+    +0.3% on Python 3.11's corpus, +1.0% on 3.12's: random logits add their variance); within 4% tied, where the input token's own logit is
     higher (h . e_in, h the normalised e_in), which favours repeated characters (measured -3.0%)."""
     bundle = build_text(None, "char", block_size=64, val_windows=64)
     torch.manual_seed(0)
