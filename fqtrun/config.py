@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 
 from fqtrun.errors import ConfigError
 from fqtrun.quant.bits import check_bits
@@ -210,3 +211,16 @@ def instantiate_checked(node, **kwargs):
         if isinstance(cause, ValueError):
             raise ConfigError(" ".join(str(cause).split())) from None
         raise
+
+
+def compose_conf(config_name: str, overrides: Sequence[str], return_hydra_config: bool = False) -> DictConfig:
+    """conf/<config_name>.yaml composed with the overrides, as `fqtrun <config_name>` would, whether or not a
+    Hydra app on the same conf/ is already running in this process (then its config dir is used)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent / "conf"), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+

@@ -18,11 +18,9 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fqtrun.config import register_configs
+from fqtrun.config import compose_conf, register_configs
 from fqtrun.errors import ConfigError
 from fqtrun.experiment.layout import run_dir, save_spec, step_dir
 from fqtrun.experiment.spec import check_experiment, step_seeds, steps, variant_seeds
@@ -33,8 +31,6 @@ from fqtrun.runs.mask import run_mask_study
 from fqtrun.runs.train import finished_summary, run_training
 from fqtrun.runs.variance import register_variance_schema, run_study
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
 
 def compose_config(config_name: str, overrides: Sequence[str]) -> tuple[DictConfig, dict[str, str]]:
     """The config `fqtrun <config_name> <overrides>` runs with, and its config-group choices (model=...)."""
@@ -42,11 +38,7 @@ def compose_config(config_name: str, overrides: Sequence[str]) -> tuple[DictConf
     register_variance_schema()
     register_intbn_schema()
     register_reproduce_schema()
-    if GlobalHydra.instance().is_initialized():  # inside `fqtrun reproduce` (a Hydra app on the same conf/)
-        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
-    else:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    cfg = compose_conf(config_name, overrides, return_hydra_config=True)
     choices = {k: str(v) for k, v in cfg.hydra.runtime.choices.items() if v is not None and "/" not in k}
     with open_dict(cfg):
         del cfg["hydra"]

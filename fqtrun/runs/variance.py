@@ -21,9 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig
 from rich import box
@@ -48,6 +46,7 @@ from fqtrun.build import (
     pick_device,
     quantize_model,
 )
+from fqtrun.config import compose_conf
 from fqtrun.errors import ConfigError, NumericsError
 from fqtrun.files import write_json
 from fqtrun.quant.bits import check_bits
@@ -99,11 +98,7 @@ def recipe_setup(entry: str) -> tuple[SlotMaker, int]:
                           "name:key=value:key=value (e.g. \"nvfp4:grad_transform_dw=none\")")
     overrides = [f"+quant={name}", *(f"quant.{kv}" for kv in settings)]
     try:
-        if GlobalHydra.instance().is_initialized():  # inside the fqtrun variance app: its config dir
-            node = compose(config_name="train", overrides=overrides).quant
-        else:
-            with initialize_config_module("fqtrun.conf", version_base="1.3"):
-                node = compose(config_name="train", overrides=overrides).quant
+        node = compose_conf("train", overrides).quant
     except Exception as e:  # noqa: BLE001 (Hydra's override and schema errors: one line, the entry named)
         raise ConfigError(f"variance.quantizers entry {entry!r}: {' '.join(str(e).split())[:200]}") from None
     recipe = build_recipe(node)
