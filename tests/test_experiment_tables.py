@@ -74,14 +74,17 @@ def test_run_table_mean_std_mean_ratio_count(tmp_path):
 
 
 def test_gap_to_a_reference_source(tmp_path):
-    """Losses 1.80, 1.84 (mean 1.82) against fp32's 1.70, 1.72, 1.74 (mean 1.72): gap +0.1000; fp32's own 0."""
+    """Losses 1.80, 1.84 (mean 1.82) against fp32's 1.70, 1.72, 1.74 (mean 1.72): gap +0.1000, unpaired (other
+    seeds); q4p on fp32's seeds 0, 1, 2 with 1.75, 1.72, 1.83: differences 0.05, 0.00, 0.09, mean +0.0467,
+    sample std sqrt(((0.0033)^2 + (0.0467)^2 + (0.0433)^2) / 2) = 0.0451; fp32's own gap 0."""
     summaries = {"fp32": [{"final_test_loss": v} for v in (1.70, 1.72, 1.74)],
-                 "q4": [{"final_test_loss": v} for v in (1.80, 1.84)]}
+                 "q4": [{"final_test_loss": v} for v in (1.80, 1.84)],
+                 "q4p": [{"final_test_loss": v} for v in (1.75, 1.72, 1.83)]}
     gap = {"_target_": T + "Gap", "key": "final_test_loss", "reference": "fp32"}
-    table = {"_target_": T + "RunTable", "header": ["run", "gap"], "rows": {"fp32": ["fp32"], "q4": ["4-bit"]},
-             "columns": [gap]}
+    table = {"_target_": T + "RunTable", "header": ["run", "gap"],
+             "rows": {"fp32": ["fp32"], "q4": ["4-bit"], "q4p": ["paired"]}, "columns": [gap]}
     assert table_lines(experiment_report(folder_with(tmp_path, [table], summaries)))[2:] == [
-        "| fp32 | +0.0000 |", "| 4-bit | +0.1000 |"]
+        "| fp32 | +0.0000 |", "| 4-bit | +0.1000 |", "| paired | +0.0467 ± 0.0451 |"]
 
 
 def test_grid_table_and_line(tmp_path):
@@ -117,6 +120,21 @@ def test_variance_and_intbn_tables_from_step_results(tmp_path):
         "| stages.0.bn1 | 16 | yes | 28.4 / 31 | - |"]
     assert "![gradient variance vs bits](variance/v/seed0/variance.png)" in lines
     assert "integer BN 96.67 % (difference +0.00)" in text and "1 BNs stay float" in text
+
+
+def test_variance_table_per_layer(tmp_path):
+    """per_layer_bits adds one row per layer (sampling, then each quantizer at those bits) and the totals."""
+    variance = {"sampling": {"total": 0.3, "per_layer": {"fc1": 0.1, "fc2": 0.2}}, "quantization": {
+        "per_sample": {"4": {"total": 0.05, "per_layer": {"fc1": 0.02, "fc2": 0.03}}},
+        "nvfp4": {"4": {"total": 0.004, "per_layer": {"fc1": 0.001, "fc2": 0.003}}}}}
+    steps = {"variance": {"v": {"run": "fp32", "seed": 0}}}
+    table = {"_target_": T + "VarianceTable", "source": "v", "per_layer_bits": 4}
+    folder = folder_with(tmp_path, [table], {"fp32": [{"final_test_loss": 1.8}]}, steps,
+                         {("variance", "v", 0, "variance.json"): variance})
+    assert table_lines(experiment_report(folder))[4:] == [
+        "| layer | sampling | per_sample (4 bits) | nvfp4 (4 bits) |", "|---|---|---|---|",
+        "| fc1 | 1.00e-01 | 2.00e-02 | 1.00e-03 |", "| fc2 | 2.00e-01 | 3.00e-02 | 3.00e-03 |",
+        "| total | 3.00e-01 | 5.00e-02 | 4.00e-03 |"]
 
 
 def test_bit_traces_figure(tmp_path):

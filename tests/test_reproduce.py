@@ -80,7 +80,7 @@ def test_tiny_experiment_end_to_end(done):
         assert mask["accuracy"]["dense"] == runs[("fp32", seed)]["final_test_acc"]  # the trained run's model
     intbn = json.loads((step_dir(out, "intbn", "bn", 0) / "intbn.json").read_text())
     assert intbn["all_layers_exact"] and f"integer BN {100 * intbn['acc_integer_bn']:.2f} %" in tables
-    assert "qat4 seed 1: test acc" in "\n".join(lines) and "intbn bn on resnet seed 0" in lines
+    assert "qat4 seed 1: test loss" in "\n".join(lines) and "intbn bn on resnet seed 0" in lines
 
 
 def test_finished_runs_are_reused(done, data_cache, monkeypatch):

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 
 from fqtrun.errors import ConfigError
 from fqtrun.experiment.layout import TABLES_FILE, Results, load_results
-from fqtrun.experiment.spec import steps
+from fqtrun.experiment.spec import steps, variant_seeds
 from fqtrun.precision.trace_plot import plot_bit_traces
 from fqtrun.report.markdown import markdown_table, mean_std
 
@@ -97,19 +97,30 @@ class Ratio(Cell):
 @dataclass
 class Gap(Cell):
     """Mean of `key` over the source's seeds minus the same over the `reference` source's (e.g. the
-    validation-loss gap to fp32), signed."""
+    validation-loss gap to fp32), signed. Two variants trained on the same seeds (>= 2) are paired
+    (same initialisation and batches), so the cell adds the sample std of the per-seed differences:
+    a gap within about that of zero is not resolved by these seeds."""
 
     key: str
     reference: str
     digits: int = 4
 
     def __call__(self, source: str, results: Results) -> str:
-        gap = statistics.fmean(values(results, source, self.key)) - statistics.fmean(
-            values(results, self.reference, self.key))
-        return f"{gap:+.{self.digits}f}"
+        mine, ref = values(results, source, self.key), values(results, self.reference, self.key)
+        gap = statistics.fmean(mine) - statistics.fmean(ref)
+        if source == self.reference or len(mine) < 2 or _seeds(results, source) != _seeds(results, self.reference):
+            return f"{gap:+.{self.digits}f}"
+        spread = statistics.stdev([a - b for a, b in zip(mine, ref)])
+        return f"{gap:+.{self.digits}f} ± {spread:.{self.digits}f}"
 
     def sources(self) -> list[str]:
         return [self.reference]
+
+
+def _seeds(results: Results, source: str) -> Optional[list[int]]:
+    """The seeds of a variant's records, in order; None for a step's."""
+    exp = results.spec.experiment
+    return variant_seeds(exp, source) if source in exp.variants else None
 
 
 @dataclass
@@ -199,15 +210,26 @@ class VarianceTable(OneStep):
 
     source: str
     title: str = "Gradient variance (sampling variance {sampling:.2e})"  # {sampling}: the sampling variance
+    per_layer_bits: Optional[int] = None  # also a table per layer (rows) at these bits, sampling beside it
 
     def render(self, results: Results) -> str:
         data, folder = _one(results, self.source)
-        bits = sorted({int(b) for per_bits in data["quantization"].values() for b in per_bits})
-        rows = [[q, *(f"{per_bits[str(b)]['total']:.2e}" for b in bits)] for q, per_bits in data["quantization"].items()]
+        quant = data["quantization"]
+        bits = sorted({int(b) for per_bits in quant.values() for b in per_bits})
+        rows = [[q, *(f"{per_bits[str(b)]['total']:.2e}" for b in bits)] for q, per_bits in quant.items()]
         image = (folder / "variance.png").relative_to(results.folder)
         return _block(self.title.format(sampling=data["sampling"]["total"]),
                       markdown_table(["quantizer", *(f"{b} bits" for b in bits)], rows),
-                      f"![gradient variance vs bits]({image.as_posix()})")
+                      self._per_layer(data), f"![gradient variance vs bits]({image.as_posix()})")
+
+    def _per_layer(self, data: dict) -> str:
+        if self.per_layer_bits is None:
+            return ""
+        at = {q: per_bits[str(self.per_layer_bits)] for q, per_bits in data["quantization"].items()}
+        rows = [[layer, f"{var:.2e}", *(f"{a['per_layer'][layer]:.2e}" for a in at.values())]
+                for layer, var in data["sampling"]["per_layer"].items()]
+        rows.append(["total", f"{data['sampling']['total']:.2e}", *(f"{a['total']:.2e}" for a in at.values())])
+        return markdown_table(["layer", "sampling", *(f"{q} ({self.per_layer_bits} bits)" for q in at)], rows)
 
 
 @dataclass

@@ -87,7 +87,8 @@ def train_grid(tasks: list[RunTask], jobs: int, log: Callable[[str], None]) -> i
         nonlocal reused
         reused += again
         how = "reused" if again else f"{summary['wall_time_s']:.0f} s"
-        log(f"{task.variant} seed {task.seed}: test acc {summary['final_test_acc']:.4f} ({how})")
+        log(f"{task.variant} seed {task.seed}: test loss {summary['final_test_loss']:.4f}, "
+            f"acc {summary['final_test_acc']:.4f} ({how})")
 
     if jobs == 1:
         for task in tasks:
