@@ -195,6 +195,31 @@ def slot_number_format(cfg: QuantConfig, slot: str) -> Format | None:
         raise ValueError(f"quant.format_{slot}={name}: {e} (quant.weight_blocks_2d)") from None
 
 
+def recipe_label(recipe: QuantConfig | None) -> str:
+    """The one-line description of a recipe in summary.json: bits and gradient quantizers of integer
+    slots, each float-format slot's format, rounding (RTN / SR) and transform."""
+    if recipe is None:
+        return "none (fp32)"
+    w, a, dx, dw = (_slot_label(recipe, slot) for slot in SLOTS)
+    forward = f"{w} {a}" if recipe.format == "int" and not (recipe.format_w or recipe.format_a) else f"{w}, {a}"
+    if recipe.grad is None and slot_format(recipe, "dx") == slot_format(recipe, "dw") == "int":
+        return f"{recipe.name}: {forward}, fp32 gradients (STE)"
+    return f"{recipe.name}: {forward}, {dx} / {dw}"
+
+
+def _slot_label(recipe: QuantConfig, slot: str) -> str:
+    name = slot_format(recipe, slot)
+    if name == "int" and slot in ("w", "a"):
+        return f"{slot}{getattr(recipe, f'bits_{slot}')}"
+    if name == "int" and recipe.grad is not None:
+        return f"{recipe.grad if slot == 'dx' else recipe.grad_dw} {slot}{getattr(recipe, f'bits_{slot}')}"
+    if name in ("int", "fp32"):
+        return f"{slot} fp32"
+    transform = slot_transform(recipe, slot)
+    rounding = "SR" if slot_rounding(recipe, slot) == "stochastic" else "RTN"
+    return f"{slot} {name} {rounding}" + ("" if transform is None else f"+RHT{recipe.rht_block}")
+
+
 def validate_formats(cfg: QuantConfig) -> None:
     """Checks of the format, rounding, transform and layer-selection settings (one line each)."""
     if cfg.scale_rule not in SCALE_RULES:

@@ -21,6 +21,7 @@ from fqtrun.errors import CheckpointError, FqtrunError
 from fqtrun.files import write_json
 from fqtrun.precision.trace_plot import plot_bit_trace
 from fqtrun.quant.backends import backend_report
+from fqtrun.quant.recipe import recipe_label
 from fqtrun.training.checkpoint import load_checkpoint
 from fqtrun.training.distributed import NullLogger, SingleProcess
 from fqtrun.training.distributed import setup as setup_processes
@@ -80,14 +81,6 @@ def _loop_settings(cfg: DictConfig) -> LoopSettings:
         checkpoint_every=cfg.checkpoint.every, keep_all=cfg.checkpoint.keep_all,
         max_steps=cfg.trainer.max_steps, eval_every=cfg.trainer.eval_every,
     )
-
-
-def quant_label(recipe) -> str:
-    if recipe is None:
-        return "none (fp32)"
-    grad = f"{recipe.grad} dx{recipe.bits_dx} / {recipe.grad_dw} dw{recipe.bits_dw}" if recipe.grad \
-        else "fp32 gradients (STE)"
-    return f"{recipe.name}: w{recipe.bits_w} a{recipe.bits_a}, {grad}"
 
 
 def _train(cfg: DictConfig, out_dir: Path, dist: SingleProcess, overrides: list[str], choices: dict,
@@ -157,7 +150,7 @@ def _train(cfg: DictConfig, out_dir: Path, dist: SingleProcess, overrides: list[
         "model": name,
         "dataset": choices.get("dataset") or str(cfg.dataset._target_).rsplit(".", 2)[-2],
         **({"data": facts} if (facts := run.bundle.facts()) else {}),
-        "quant": quant_label(run.recipe),
+        "quant": recipe_label(run.recipe),
         "layers_quantized": run.report.converted if run.report else [],
         "layers_full_precision": run.report.kept if run.report else {},
         "layer_backends": backend_report(model) if run.recipe is not None else {},

@@ -15,7 +15,7 @@ from fqtrun.quant.formats.quantizer import FormatQuantizer
 from fqtrun.quant.gradient import PerColumn, PerSample
 from fqtrun.quant.layers import NoiseContext
 from fqtrun.quant.quantizers import MinMaxQuantizer
-from fqtrun.quant.recipe import QuantConfig, slot_factory
+from fqtrun.quant.recipe import QuantConfig, recipe_label, slot_factory
 from fqtrun.quant.recipe import build_recipe as recipe_of
 
 
@@ -130,3 +130,16 @@ def test_grouped_convs_stay_full_precision_with_formats():
                             NoiseContext())
     assert report.converted == ["1"] and "grouped conv" in report.kept["0"]
     assert QuantConfig().format == "int"  # the default: today's integer grids
+
+
+@pytest.mark.parametrize("overrides, label", [
+    (["+quant=nvfp4"], "nvfp4: w nvfp4 RTN, a nvfp4 RTN, dx nvfp4 SR / dw nvfp4 SR+RHT16"),
+    (["+quant=fp8_tensorwise"], "fp8_tensorwise: w fp8_e4m3 RTN, a fp8_e4m3 RTN, dx fp8_e5m2 RTN / dw fp8_e5m2 RTN"),
+    (["+quant=per_sample", "quant.format_dw=mxfp4", "quant.grad_transform_dw=rht"],
+     "per_sample: w8 a8, per_sample dx8 / dw mxfp4 SR+RHT16"),
+    (["+quant=householder", "bits=5"], "householder: w5 a5, householder dx5 / per_column dw5"),
+    (["+quant=qat", "bits=4"], "qat: w4 a4, fp32 gradients (STE)"),
+])
+def test_summary_label_names_each_slots_format(compose_train, overrides, label):
+    """summary.json's quant line says what each slot runs (a format recipe's gradients are not fp32)."""
+    assert recipe_label(build_recipe(compose_train(*overrides).quant)) == label
