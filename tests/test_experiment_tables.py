@@ -169,3 +169,13 @@ def test_a_missing_key_and_a_missing_run_are_one_line(tmp_path):
     with pytest.raises(FqtrunError, match=r"seed0/summary.json is missing or unreadable: finish the experiment "
                                           r"with fqtrun reproduce tiny out="):
         experiment_report(folder)
+
+
+def test_a_label_yaml_reads_as_a_number_is_one_line(tmp_path):
+    """YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124: refused before any run, naming the fix."""
+    rows = OmegaConf.create("rows: {qat: [2:4]}").rows
+    assert rows.qat == [124]
+    table = {"_target_": T + "RunTable", "header": ["a", "b"], "rows": rows, "columns": [ACC]}
+    with pytest.raises(ConfigError, match=r"experiment.tables\[0\] of tiny has the label 124, which YAML read as a "
+                                          r"number .*quote the label"):
+        experiment_report(folder_with(tmp_path, [table], {"qat": [{"final_test_acc": 0.9}]}))

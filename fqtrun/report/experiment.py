@@ -282,11 +282,23 @@ def build_blocks(exp) -> list:
             cause = e.__cause__ or e
             raise ConfigError(f"experiment.tables[{i}] of {exp.name} cannot be built "
                               f"({' '.join(str(cause).split())[:200]}): fix it in conf/experiment/") from None
+        if numbers := [x for x in _labels(blocks[-1]) if not isinstance(x, str)]:
+            raise ConfigError(f"experiment.tables[{i}] of {exp.name} has the label {numbers[0]!r}, which YAML read as "
+                              "a number (unquoted 2:4 is 124 to it): quote the label in conf/experiment/")
         known = [*exp.variants, *(name for _, name, _ in steps(exp))]
         if unknown := [s for s in blocks[-1].sources() if s not in known]:
             raise ConfigError(f"experiment.tables[{i}] of {exp.name} names {unknown[0]!r}, which is no variant or "
                               f"step: use one of {', '.join(known)}")
     return blocks
+
+
+def _labels(block) -> list:
+    """A table's header and row label cells (text the spec writes; the cells compute the rest)."""
+    if isinstance(block, RunTable):
+        return [*block.header, *(label for labels in block.rows.values() for label in labels)]
+    if isinstance(block, GridTable):
+        return [*block.header, *block.rows]
+    return []
 
 
 def experiment_report(folder: Path) -> str:
