@@ -131,7 +131,10 @@ def test_variance_table_per_layer(tmp_path):
     table = {"_target_": T + "VarianceTable", "source": "v", "per_layer_bits": 4}
     folder = folder_with(tmp_path, [table], {"fp32": [{"final_test_loss": 1.8}]}, steps,
                          {("variance", "v", 0, "variance.json"): variance})
-    assert table_lines(experiment_report(folder))[4:] == [
+    (step_dir(folder, "variance", "v", 0) / "variance_layers.png").write_bytes(b"png")
+    text = experiment_report(folder)
+    assert "![gradient variance per layer at 4 bits](variance/v/seed0/variance_layers.png)" in text.splitlines()
+    assert table_lines(text)[4:] == [
         "| layer | sampling | per_sample (4 bits) | nvfp4 (4 bits) |", "|---|---|---|---|",
         "| fc1 | 1.00e-01 | 2.00e-02 | 1.00e-03 |", "| fc2 | 2.00e-01 | 3.00e-02 | 3.00e-03 |",
         "| total | 3.00e-01 | 5.00e-02 | 4.00e-03 |"]

@@ -41,6 +41,7 @@ SlotMaker = Callable[[str, nn.Module], object | None]  # (slot "dx"|"dw", quanti
 
 DX_QUANTIZERS = ("per_tensor", "per_sample", "householder", "ptq", "psq", "bhq")
 GRAD_SLOTS = ("dx", "dw")
+LAYERS_PLOT = "variance_layers.png"  # `fqtrun variance`'s per-layer figure (runs/variance.py), read by reports
 
 
 # ----- what the analysis measures -------------------------------------------------------------

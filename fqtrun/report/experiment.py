@@ -16,6 +16,7 @@ from typing import Any, Optional
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
+from fqtrun.analysis.variance import LAYERS_PLOT
 from fqtrun.errors import ConfigError
 from fqtrun.experiment.layout import TABLES_FILE, Results, load_results
 from fqtrun.experiment.spec import steps, variant_seeds
@@ -218,9 +219,13 @@ class VarianceTable(OneStep):
         bits = sorted({int(b) for per_bits in quant.values() for b in per_bits})
         rows = [[q, *(f"{per_bits[str(b)]['total']:.2e}" for b in bits)] for q, per_bits in quant.items()]
         image = (folder / "variance.png").relative_to(results.folder)
+        layers_image = folder / LAYERS_PLOT  # per layer at the lowest bits, written by the variance step
         return _block(self.title.format(sampling=data["sampling"]["total"]),
                       markdown_table(["quantizer", *(f"{b} bits" for b in bits)], rows),
-                      self._per_layer(data), f"![gradient variance vs bits]({image.as_posix()})")
+                      self._per_layer(data), f"![gradient variance vs bits]({image.as_posix()})",
+                      f"![gradient variance per layer at {bits[0]} bits]"
+                      f"({layers_image.relative_to(results.folder).as_posix()})"
+                      if self.per_layer_bits is not None and layers_image.exists() else "")
 
     def _per_layer(self, data: dict) -> str:
         if self.per_layer_bits is None:

@@ -30,6 +30,7 @@ from rich.table import Table
 from fqtrun import conf
 from fqtrun.analysis.variance import (
     DX_QUANTIZERS,
+    LAYERS_PLOT,
     SlotMaker,
     VarianceResult,
     canonical_quantizer,
@@ -193,8 +194,9 @@ def run_study(cfg: DictConfig, out_dir: Path, model_name: str) -> tuple[dict, Ta
     data = to_json(res, names, bits, settings)
     write_json(out_dir / "variance.json", data)
     write_csv(out_dir / "variance.csv", res, names, bits)
-    plot(out_dir / "variance.png", res, names, bits, title=f"{model_name} / {bundle.name}, dW "
-         f"{'at the studied bits' if v.dw_bits is None else f'at {v.dw_bits} bits'}")
+    title = f"{model_name} / {bundle.name}, dW {'at the studied bits' if v.dw_bits is None else f'at {v.dw_bits} bits'}"
+    plot(out_dir / "variance.png", res, names, bits, title=title)
+    plot_layers(out_dir / LAYERS_PLOT, res, names, bits[0], title=title)
     return data, table(res, names, bits, settings)
 
 
@@ -250,6 +252,33 @@ def table(res: VarianceResult, names: list[str], bits: list[int], settings: dict
         t.add_row(q, *(f"{res.quant[(q, b)]:.2e}" if (q, b) in res.quant else "-" for b in bits),
                   "-" if math.isnan(drop) else f"{drop:.2f}x")
     return t
+
+
+def plot_layers(path: Path, res: VarianceResult, names: list[str], bits: int, title: str = "") -> None:
+    """Per layer (x) the sampling variance and each quantizer's at `bits` (log-scale bars): where the
+    quantization noise sits, and how far below the sampling noise it is."""
+    from matplotlib.figure import Figure
+
+    from fqtrun.figures import save_figure
+
+    series = {"sampling": res.sampling_per_layer}
+    series |= {f"{q} ({bits} bits)": res.quant_per_layer[(q, bits)] for q in names if (q, bits) in res.quant}
+    layers = res.layers
+    fig = Figure(figsize=(max(6.0, 0.32 * len(layers) + 2.0), 4.5))
+    ax = fig.add_subplot()
+    width = 0.8 / len(series)
+    for i, (label, per_layer) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(layers))]
+        ax.bar(xs, [per_layer[layer] for layer in layers], width=width, label=label,
+               color="black" if label == "sampling" else None)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels(layers, rotation=90, fontsize=7)
+    ax.set_ylabel("variance of the layer's gradient")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
 
 
 def plot(path: Path, res: VarianceResult, names: list[str], bits: list[int], title: str = "") -> None:

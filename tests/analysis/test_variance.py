@@ -194,7 +194,8 @@ def test_command_end_to_end(tmp_path, capsys):
     assert saved["sampling"]["total"] > 0
     rows = (tmp_path / "variance.csv").read_text().splitlines()
     assert rows[0] == "kind,quantizer,bits,layer,variance" and len(rows) == 1 + 5 + 2 * 2 * 5
-    assert (tmp_path / "variance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for figure in ("variance.png", "variance_layers.png"):  # vs bits; per layer at the lowest bits
+        assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "householder" in capsys.readouterr().out
 
 
