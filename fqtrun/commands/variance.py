@@ -4,7 +4,7 @@
     fqtrun variance variance.quantizers=[per_tensor,per_sample,householder] variance.bits=[3,4,5,6,8] \
         checkpoint=outputs/<run>/last.pt
 
-Writes variance.json, variance.csv, variance.png and prints a table.
+Writes variance.json, variance.csv, variance.png, variance_layers.png and prints a table.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ register_variance_schema()
 def variance(cfg: DictConfig, out_dir: Path) -> dict:
     data, table = run_study(cfg, out_dir, model_name(cfg, hydra_choices()))
     make_console().print(table)
-    print(f"wrote {out_dir / 'variance.json'}, variance.csv, variance.png")
+    print(f"wrote {out_dir / 'variance.json'}, variance.csv, variance.png, variance_layers.png")
     return data
 
 

@@ -9,7 +9,7 @@ nearest rounding); only the gradient quantizers change. A variance.quantizers en
   settings of its own, `name:key=value:key=value` (e.g. "nvfp4:grad_transform_dw=none"): its dx and
   dw slots as the recipe sets them (format, rounding, transform), measured once, in the column of
   the dx slot's bits.
-`run_study` writes variance.json, variance.csv and variance.png and returns the data.
+`run_study` writes variance.json, variance.csv, variance.png and variance_layers.png and returns the data.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def study_model(cfg: DictConfig, bundle, noise: NoiseContext, name: str) -> torc
 
 
 def run_study(cfg: DictConfig, out_dir: Path, model_name: str) -> tuple[dict, Table]:
-    """Measure; write variance.json / variance.csv / variance.png into out_dir; (the data, its table)."""
+    """Measure; write variance.json / .csv / .png / _layers.png into out_dir; (the data, its table)."""
     v = cfg.variance
     names, recipes = validate(v)
     if cfg.threads > 0:
