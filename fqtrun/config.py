@@ -8,6 +8,7 @@ the groups instantiate), which raise ConfigError with one line naming the settin
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -219,8 +220,7 @@ def compose_conf(config_name: str, overrides: Sequence[str], return_hydra_config
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    if GlobalHydra.instance().is_initialized():
+    running = GlobalHydra.instance().is_initialized()
+    conf_dir = str(Path(__file__).resolve().parent / "conf")
+    with nullcontext() if running else initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent / "conf"), version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
-

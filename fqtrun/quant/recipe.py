@@ -201,18 +201,18 @@ def recipe_label(recipe: QuantConfig | None) -> str:
     if recipe is None:
         return "none (fp32)"
     w, a, dx, dw = (_slot_label(recipe, slot) for slot in SLOTS)
-    forward = f"{w} {a}" if recipe.format == "int" and not (recipe.format_w or recipe.format_a) else f"{w}, {a}"
+    forward = f"{w} {a}" if slot_format(recipe, "w") == slot_format(recipe, "a") == "int" else f"{w}, {a}"
     if recipe.grad is None and slot_format(recipe, "dx") == slot_format(recipe, "dw") == "int":
         return f"{recipe.name}: {forward}, fp32 gradients (STE)"
     return f"{recipe.name}: {forward}, {dx} / {dw}"
 
 
 def _slot_label(recipe: QuantConfig, slot: str) -> str:
-    name = slot_format(recipe, slot)
+    name, bits = slot_format(recipe, slot), getattr(recipe, f"bits_{slot}")
     if name == "int" and slot in ("w", "a"):
-        return f"{slot}{getattr(recipe, f'bits_{slot}')}"
+        return f"{slot}{bits}"
     if name == "int" and recipe.grad is not None:
-        return f"{recipe.grad if slot == 'dx' else recipe.grad_dw} {slot}{getattr(recipe, f'bits_{slot}')}"
+        return f"{recipe.grad if slot == 'dx' else recipe.grad_dw} {slot}{bits}"
     if name in ("int", "fp32"):
         return f"{slot} fp32"
     transform = slot_transform(recipe, slot)

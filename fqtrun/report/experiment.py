@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from fqtrun.analysis.variance import LAYERS_PLOT
 from fqtrun.errors import ConfigError
 from fqtrun.experiment.layout import TABLES_FILE, Results, load_results
-from fqtrun.experiment.spec import steps, variant_seeds
+from fqtrun.experiment.spec import steps
 from fqtrun.precision.trace_plot import plot_bit_traces
 from fqtrun.report.markdown import markdown_table, mean_std
 
@@ -109,19 +109,14 @@ class Gap(Cell):
     def __call__(self, source: str, results: Results) -> str:
         mine, ref = values(results, source, self.key), values(results, self.reference, self.key)
         gap = statistics.fmean(mine) - statistics.fmean(ref)
-        if source == self.reference or len(mine) < 2 or _seeds(results, source) != _seeds(results, self.reference):
+        seeds = [[f.name for f in results.folders[s]] for s in (source, self.reference)]  # seed<k> folders
+        if source == self.reference or len(mine) < 2 or seeds[0] != seeds[1]:
             return f"{gap:+.{self.digits}f}"
         spread = statistics.stdev([a - b for a, b in zip(mine, ref)])
         return f"{gap:+.{self.digits}f} ± {spread:.{self.digits}f}"
 
     def sources(self) -> list[str]:
         return [self.reference]
-
-
-def _seeds(results: Results, source: str) -> Optional[list[int]]:
-    """The seeds of a variant's records, in order; None for a step's."""
-    exp = results.spec.experiment
-    return variant_seeds(exp, source) if source in exp.variants else None
 
 
 @dataclass
