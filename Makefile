@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_INSTALL := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: help install run test test-slow lint bench clean compare-qat reproduce-fqt reproduce-cpt reproduce-sparsity reproduce-ridge reproduce-lm reproduce-lm-techniques reproduce-lm-formats reproduce-numerics
+.PHONY: help install run test test-slow lint bench clean compare-qat reproduce-fqt reproduce-cpt reproduce-sparsity reproduce-ridge reproduce-lm reproduce-lm-techniques reproduce-lm-formats reproduce-numerics docs-tables
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -71,6 +71,9 @@ reproduce-lm-formats: install  ## number-format recipes on the GPT, 3 seeds, and
 reproduce-numerics: install  ## numerics health of a 4-bit PSQ run: table and plot (results/numerics/report)
 	$(BIN)/fqtrun train +quant=per_sample bits=4 numerics.every=40 epochs=30 threads=1 hydra.run.dir=results/numerics
 	$(BIN)/fqtrun report results/numerics out=results/numerics/report
+
+docs-tables: install  ## splice each results/<name>/tables.md between its markers in docs/*.md (and copy its figures)
+	$(BIN)/python -m fqtrun.report.publish results docs
 
 clean:  ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache bench*.json

@@ -20,7 +20,7 @@ from torch import nn
 from fqtrun.analysis.numerics import numerics_hook
 from fqtrun.analysis.variance import variance_hook
 from fqtrun.config import TrainConfig, instantiate_checked
-from fqtrun.data.base import check_signature
+from fqtrun.data.base import build_bundle, check_signature
 from fqtrun.errors import CheckpointError, ConfigError
 from fqtrun.precision.hooks import bitops_hook, bits_probe, schedule_hook
 from fqtrun.quant.backends import apply_backend
@@ -60,7 +60,7 @@ def pick_device(name: str) -> torch.device:
 
 def build_task(cfg: DictConfig, bundle) -> Task:
     """The run's objective, the one its data declares (the loss a probe differentiates too)."""
-    return TASKS[bundle.task](label_smoothing=cfg.get("label_smoothing", 0.0))
+    return TASKS[bundle.task](label_smoothing=cfg.get("label_smoothing", 0.0), **bundle.task_options())
 
 
 def build_model(model_cfg: DictConfig, bundle) -> nn.Module:
@@ -70,7 +70,7 @@ def build_model(model_cfg: DictConfig, bundle) -> nn.Module:
     if task != bundle.task:
         raise ConfigError(f"the model ({type(model).__name__}) is built for {task.replace('_', ' ')} but "
                           f"dataset={bundle.name} is for {bundle.task.replace('_', ' ')}: pair model=gpt with "
-                          "dataset=text, and the other models with the classification datasets")
+                          "dataset=text (model=llama too), and the other models with the classification datasets")
     return model
 
 
@@ -132,15 +132,16 @@ def run_length(cfg: DictConfig, train_set) -> tuple[int, int]:
 
 
 def assemble(cfg: DictConfig, device: torch.device, noise_seed: int, is_main: bool = True,
-             hook_specs: Sequence[HookSpec] = DEFAULT_HOOKS) -> Assembly:
+             hook_specs: Sequence[HookSpec] = DEFAULT_HOOKS, resuming: dict | None = None) -> Assembly:
     """Build everything a training run needs from its config, on `device`.
 
     The order is fixed (and so are the random draws): seed, data, model, quantization, hooks,
-    optimizer. `noise_seed` keys the stochastic rounding (DDP ranks draw their own).
+    optimizer. `noise_seed` keys the stochastic rounding (DDP ranks draw their own). `resuming`: the
+    checkpoint the run continues from, whose tokenizer the data reuses (build_bundle).
     """
     recipe = build_recipe(cfg.get("quant"))  # a bad recipe stops the run before any data is built
     torch.manual_seed(cfg.seed)
-    bundle = instantiate(cfg.dataset)
+    bundle = build_bundle(cfg.dataset, resuming)
     task = build_task(cfg, bundle)
     model = build_model(cfg.model, bundle)
     noise = NoiseContext(seed=noise_seed)
@@ -225,7 +226,7 @@ def load_train_run(checkpoint: str, command: str, require: Callable | None = Non
         raise ConfigError(f"{cfg_path} does not match this fqtrun's train schema "
                           f"({' '.join(str(e).split())[:160]})") from None
     name = ckpt.get("model_name", "unknown")
-    bundle = instantiate(cfg.dataset)
+    bundle = build_bundle(cfg.dataset, ckpt)  # the run's own tokenizer, from its checkpoint
     model = build_model(cfg.model, bundle)
     if require is not None:
         require(cfg, model, name)

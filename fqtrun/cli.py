@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import itertools
+import os
 import re
 import sys
 import tempfile
@@ -22,6 +24,7 @@ COMMANDS = {
     "mask": ("fqtrun.commands.mask", "N:M / transposable mask quality, diversity, and dense -> N:M conversion"),
     "intbn": ("fqtrun.commands.intbn", "integer-exact fixed-point BatchNorm of a trained quantized model"),
     "sample": ("fqtrun.commands.sample", "text from a trained language model (model=gpt dataset=text)"),
+    "prepare": ("fqtrun.commands.prepare", "token files (nanoGPT's train.bin / val.bin) from text, for dataset=tokens"),
     "report": ("fqtrun.commands.report", "tables and plots over run and sweep folders (and experiment folders)"),
     "reproduce": ("fqtrun.commands.reproduce", "one README experiment end to end: its runs, steps and tables"),
     "bench": ("fqtrun.commands.bench", "speed ratios: quantizers vs clone, FQT step vs fp32 / bf16"),
@@ -38,6 +41,7 @@ examples:
 
 
 def main(argv: list[str] | None = None) -> None:
+    command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         width = max(map(len, COMMANDS))
@@ -51,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+    pin_portable_numerics(argv, reexec=command_line)  # before the command imports torch
     keep_freed_memory()  # big CPU temporaries reuse freed memory instead of new page faults
     module = importlib.import_module(COMMANDS[name][0])  # registers the command's schemas
     try:  # e.g. report: positional folders -> dirs=[...]; reproduce: a positional name -> experiment=<name>
@@ -64,6 +69,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     sys.argv = [f"fqtrun {name}", *args]
     module.main()
+
+
+def pin_portable_numerics(argv: list[str], reexec: bool) -> None:
+    """A portable run (numerics.portable=true; reproduce's default) is pinned through the environment, which
+    torch and MKL read once (fqtrun/numerics_mode.py): set here, before the command imports torch, for this
+    process and the job processes it starts. Where torch is loaded already, the command line's process starts
+    again with it (reexec); a caller's process is left as it is and the run refuses at its start."""
+    from fqtrun.numerics_mode import pin_environment, wanted
+
+    if wanted(argv[0], argv[1:]) and pin_environment(os.environ) and "torch" in sys.modules and reexec:
+        os.execv(sys.executable, [sys.executable, "-m", "fqtrun.cli", *argv])
 
 
 def check_group_choices(overrides: list[str]) -> str | None:
@@ -107,18 +123,55 @@ def check_unchosen_groups(command: str, overrides: list[str]) -> str | None:
 
 
 def check_composes(command: str, overrides: list[str]) -> str | None:
-    """Compose the config once before Hydra does, to report a bad key or type in one line.
+    """Compose the config once before Hydra does, to report a bad key, a wrong type or a setting that nothing
+    reads (config_keys) in one line.
 
-    Skipped for flags (--help, --cfg, -m ...) and sweeps, which Hydra handles itself.
+    A sweep (-m) is composed once per combination of its config-group options (a group option decides
+    which settings exist; other swept values take their first value). Skipped for --help, --cfg and the
+    like, which Hydra handles itself.
     """
-    if any(a.startswith("-") for a in overrides) or not (CONF / f"{command}.yaml").is_file():
+    flags = [a for a in overrides if a.startswith("-")]
+    if any(f not in ("-m", "--multirun") for f in flags) or not (CONF / f"{command}.yaml").is_file():
         return None
-    from hydra import compose, initialize_config_dir
+    plain = [a for a in overrides if not a.startswith("-") and not re.match(r"[+~]{0,2}hydra[./]", a)]
+    for combination in sweep_combinations(plain) if flags else [plain]:
+        problem = composition_problem(command, combination)
+        if problem:
+            return problem
+    return None
 
-    plain = [a for a in overrides if not re.match(r"[+~]{0,2}hydra[./]", a)]
+
+def sweep_combinations(overrides: list[str]) -> list[list[str]]:
+    """The override lists of a sweep that differ in a config-group option, in Hydra's order (the first
+    value of every other swept setting); [overrides] where the sweep syntax is not a plain choice."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            compose(config_name=command, overrides=plain)
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # noqa: BLE001 (Hydra reports its own syntax errors when it starts)
+        return [overrides]
+    options = []
+    for override in parsed:
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            options.append([f"{key}={override.get_value_element_as_str()}"])
+        elif not override.is_discrete_sweep():
+            return [overrides]
+        else:
+            values = [f"{key}={v}" for v in override.sweep_string_iterator()]
+            options.append(values if (CONF / override.key_or_group).is_dir() else values[:1])
+    return [list(c) for c in itertools.product(*options)]
+
+
+def composition_problem(command: str, overrides: list[str]) -> str | None:
+    """One line saying why `fqtrun <command> <overrides>` does not compose into settings that all do
+    something; None when it does."""
+    from fqtrun.config import compose_conf
+
+    try:
+        compose_conf(command, overrides)
+    except FqtrunError as e:
+        return str(e)
     except Exception as e:  # Hydra/OmegaConf errors: several lines, the useful ones are the first
         chain, err = [], e
         while err is not None:

@@ -16,9 +16,11 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, open_dict
 
+from fqtrun.config_keys import check_known_settings
 from fqtrun.errors import ConfigError
+from fqtrun.numerics_mode import NumericsModeConfig
 from fqtrun.quant.bits import check_bits
 from fqtrun.quant.recipe import QuantConfig
 
@@ -105,9 +107,10 @@ class VarianceConfig:
 
 
 @dataclass
-class NumericsConfig:
+class NumericsConfig(NumericsModeConfig):
     """Numerics health per quantized layer and slot (fqtrun/analysis/numerics.py): saturated and flushed
-    fractions, SQNR, non-finite count, bits, in metrics.jsonl as numerics/<layer>/<slot>/<stat>."""
+    fractions, SQNR, non-finite count, bits, in metrics.jsonl as numerics/<layer>/<slot>/<stat>; and
+    `portable` (fqtrun/numerics_mode.py): the same bits on every x86-64 CPU with this torch build."""
 
     every: int = 0  # steps between probes (0 = off)
 
@@ -216,11 +219,19 @@ def instantiate_checked(node, **kwargs):
 
 def compose_conf(config_name: str, overrides: Sequence[str], return_hydra_config: bool = False) -> DictConfig:
     """conf/<config_name>.yaml composed with the overrides, as `fqtrun <config_name>` would, whether or not a
-    Hydra app on the same conf/ is already running in this process (then its config dir is used)."""
+    Hydra app on the same conf/ is already running in this process (then its config dir is used).
+
+    A setting that no schema declares (added with +key=...) is a one-line ConfigError (config_keys)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     running = GlobalHydra.instance().is_initialized()
     conf_dir = str(Path(__file__).resolve().parent / "conf")
     with nullcontext() if running else initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    choices = {k: str(v) for k, v in cfg.hydra.runtime.choices.items() if v is not None}
+    if not return_hydra_config:
+        with open_dict(cfg):
+            del cfg["hydra"]
+    check_known_settings(cfg, config_name, choices)  # a +key that nothing reads is refused, not ignored
+    return cfg

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from conftest import CONF
 from fqtrun.errors import ConfigError
 from fqtrun.experiment.spec import ReproduceConfig, check_experiment, steps
-from fqtrun.report.experiment import build_blocks
+from fqtrun.report.experiment import ClaimsTable, Verdict, build_blocks
 from fqtrun.runs.reproduce import compose_config, grid_tasks
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
@@ -49,8 +49,23 @@ def test_fqt_strict_table_takes_the_8_bit_column_from_the_paper_runs():
     assert all(f"strict_{q}_dx8" not in exp.variants for q in ("ptq", "psq", "bhq"))
 
 
+def test_every_experiment_has_verdicts_and_claims():
+    """Each README experiment shows paired verdicts in its tables and measures its papers' claims."""
+    for name in EXPERIMENTS:
+        exp = compose_config("reproduce", [f"experiment={name}"])[0].experiment
+        blocks = build_blocks(exp)
+        cells = [c for b in blocks for c in [*getattr(b, "columns", []), getattr(b, "cell", None)]]
+        assert any(isinstance(c, Verdict) for c in cells), name
+        assert isinstance(blocks[-1], ClaimsTable) and exp.claims, name
+
+
+CLAIM = {"claim": "a beats b", "source": "a paper", "a": "a", "b": "b", "key": "final_test_acc", "expect": "better"}
+
+
 def spec(**experiment):
     base = {"name": "tiny", "variants": {"a": {"overrides": []}}}
+    if "claims" in experiment:  # a second variant and a one-seed step to compare with
+        base = {**base, "variants": {"a": {}, "b": {}}, "variance": {"v": {"run": "a", "seed": 1}}}
     return OmegaConf.merge(OmegaConf.structured(ReproduceConfig), {"experiment": {**base, **experiment}}).experiment
 
 
@@ -60,6 +75,14 @@ def spec(**experiment):
     ({"mask": {"m": {"run": "b"}}}, r"experiment.mask.m.run=b is not a variant: use one of a$"),
     ({"intbn": {"i": {"run": "a", "seed": 7}}}, r"experiment.intbn.i.seed=7 is not a seed of variant a \(\[0, 1, 2\]\)"),
     ({"variance": {"a": {"run": "a"}}}, "the name a is used twice"),
+    ({"claims": [CLAIM | {"b": "fp16"}]}, r"claims\[0\] \('a beats b'\): b=fp16 is no variant or step: use one of a, "
+                                          r"b, v$"),
+    ({"claims": [CLAIM | {"a": "b"}]}, r"claims\[0\] \('a beats b'\) compares b with itself"),
+    ({"claims": [CLAIM | {"b": "v"}]}, r"a \[0, 1, 2\] and v \[1\] share only seed 1, and a paired 95% interval "
+                                      r"needs 2 or more: run both on the same seeds"),
+    ({"claims": [CLAIM], "variants": {"a": {}, "b": {"seeds": [5, 6]}}},
+     r"a \[0, 1, 2\] and b \[5, 6\] share no seed"),
+    ({"claims": [CLAIM | {"margin": 0.5}]}, r"margin=0.5: a margin is 0 or more and only reads with expect=no_worse"),
 ])
 def test_bad_specs_are_one_line(experiment, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,5 +1,5 @@
-"""An experiment folder's tables.md from hand-written records: every block kind against figures worked
-out by hand, and the one-line errors for a table naming what is not there."""
+"""An experiment folder's tables.md from hand-written records: every block kind (verdicts and claims too)
+against figures worked out by hand, and the one-line errors for a table naming what is not there."""
 
 from __future__ import annotations
 
@@ -19,15 +19,18 @@ ACC = {"_target_": T + "MeanStd", "key": "final_test_acc", "scale": 100}
 
 
 def folder_with(tmp_path: Path, tables: list, summaries: dict[str, list[dict]], steps: dict | None = None,
-                step_records: dict | None = None) -> Path:
-    """A folder as `fqtrun reproduce` leaves it: reproduce.yaml, one summary.json per variant and seed,
-    one result file per step."""
-    variants = {name: {"overrides": [], "seeds": list(range(len(records)))} for name, records in summaries.items()}
+                step_records: dict | None = None, claims: list | None = None, seeds: dict | None = None) -> Path:
+    """A folder as `fqtrun reproduce` leaves it: reproduce.yaml, one summary.json per variant and seed (seeds
+    0, 1, ... unless `seeds` names a variant's), one result file per step."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    seeds = {name: (seeds or {}).get(name, list(range(len(records)))) for name, records in summaries.items()}
+    variants = {name: {"overrides": [], "seeds": seeds[name]} for name in summaries}
     spec = OmegaConf.merge(OmegaConf.structured(ReproduceConfig), {"experiment": {
-        "name": "tiny", "variants": variants, "tables": tables, **(steps or {})}, "out": str(tmp_path)})
+        "name": "tiny", "variants": variants, "tables": tables, "claims": claims or [], **(steps or {})},
+        "out": str(tmp_path)})
     save_spec(tmp_path, spec)
     for name, records in summaries.items():
-        for seed, record in enumerate(records):
+        for seed, record in zip(seeds[name], records):
             run_dir(tmp_path, name, seed).mkdir(parents=True)
             (run_dir(tmp_path, name, seed) / "summary.json").write_text(json.dumps(record))
     for (kind, name, seed, file), record in (step_records or {}).items():
@@ -73,18 +76,137 @@ def test_run_table_mean_std_mean_ratio_count(tmp_path):
     assert (tmp_path / TABLES_FILE).read_text() == text
 
 
-def test_gap_to_a_reference_source(tmp_path):
-    """Losses 1.80, 1.84 (mean 1.82) against fp32's 1.70, 1.72, 1.74 (mean 1.72): gap +0.1000, unpaired (other
-    seeds); q4p on fp32's seeds 0, 1, 2 with 1.75, 1.72, 1.83: differences 0.05, 0.00, 0.09, mean +0.0467,
-    sample std sqrt(((0.0033)^2 + (0.0467)^2 + (0.0433)^2) / 2) = 0.0451; fp32's own gap 0."""
+def test_verdict_against_a_baseline_paired_by_seed(tmp_path):
+    """Losses, fp32 1.70, 1.72, 1.74 on seeds 0, 1, 2.
+    q4p (seeds 0, 1, 2) 1.75, 1.72, 1.83: differences 0.05, 0.00, 0.09, mean +0.0467, sd 0.0451,
+      half-width t_{0.975,2} 4.3027 * 0.04509 / sqrt(3) = 0.11201: CI [-0.0653, +0.1587] -> not resolved;
+      2 of 3 seeds positive (0.00 has no sign); seeds needed: t_{n-1} * 0.0451 / sqrt(n) at n = 6 is
+      2.5706 * 0.0451 / 2.449 = 0.0473 (not < 0.0467), at n = 7 2.4469 * 0.0451 / 2.646 = 0.0417: ~7.
+    q4 (seeds 0, 1) 1.80, 1.84: differences 0.10, 0.12, mean +0.1100, sd 0.01414, half-width
+      t_{0.975,1} 12.706 * 0.01414 / sqrt(2) = 0.1271: CI [-0.0171, +0.2371]; n = 3: 4.3027 * 0.01414 / 1.732
+      = 0.0351 < 0.11: ~3 seeds.
+    q8 (seeds 0, 1, 2) 1.71, 1.73, 1.76: differences 0.01, 0.01, 0.02, mean 0.01333, sd 0.00577, half-width
+      0.01434: CI [-0.0010, +0.0277] -> not resolved (~4 seeds: 3.1824 * 0.00577 / 2 = 0.0092 < 0.0133).
+    q2 (seeds 0, 1, 2) 1.90, 1.93, 1.93: differences 0.20, 0.21, 0.19, mean 0.2, sd 0.01, half-width 0.0248:
+      CI [+0.1752, +0.2248] -> worse (a higher loss)."""
     summaries = {"fp32": [{"final_test_loss": v} for v in (1.70, 1.72, 1.74)],
                  "q4": [{"final_test_loss": v} for v in (1.80, 1.84)],
-                 "q4p": [{"final_test_loss": v} for v in (1.75, 1.72, 1.83)]}
-    gap = {"_target_": T + "Gap", "key": "final_test_loss", "reference": "fp32"}
-    table = {"_target_": T + "RunTable", "header": ["run", "gap"],
-             "rows": {"fp32": ["fp32"], "q4": ["4-bit"], "q4p": ["paired"]}, "columns": [gap]}
-    assert table_lines(experiment_report(folder_with(tmp_path, [table], summaries)))[2:] == [
-        "| fp32 | +0.0000 |", "| 4-bit | +0.1000 |", "| paired | +0.0467 ± 0.0451 |"]
+                 "q4p": [{"final_test_loss": v} for v in (1.75, 1.72, 1.83)],
+                 "q8": [{"final_test_loss": v} for v in (1.71, 1.73, 1.76)],
+                 "q2": [{"final_test_loss": v} for v in (1.90, 1.93, 1.93)]}
+    verdict = {"_target_": T + "Verdict", "key": "final_test_loss", "baseline": "fp32", "digits": 4}
+    table = {"_target_": T + "RunTable", "header": ["run", "vs fp32"],
+             "rows": {"fp32": ["fp32"], "q4": ["4-bit"], "q4p": ["paired"], "q8": ["8-bit"], "q2": ["2-bit"]},
+             "columns": [verdict]}
+    text = experiment_report(folder_with(tmp_path, [table], summaries))
+    assert table_lines(text)[2:] == [
+        "| fp32 | baseline |", "| 4-bit | +0.1100 [-0.0171, +0.2371] 2/2 not resolved (~3 seeds) |",
+        "| paired | +0.0467 [-0.0653, +0.1587] 2/3 not resolved (~7 seeds) |",
+        "| 8-bit | +0.0133 [-0.0010, +0.0277] 3/3 not resolved (~4 seeds) |",
+        "| 2-bit | +0.2000 [+0.1752, +0.2248] 3/3 worse |"]
+    assert ("Verdicts pair runs by seed (row − fp32; final_test_loss): mean difference [95% CI, Student t over the "
+            "seeds], seeds agreeing in sign / seeds, verdict (lower is better)") in text
+
+
+def test_verdict_per_row_baselines_and_two_figures_of_one_record(tmp_path):
+    """cpt vs static on accuracy (x100): differences 0.01, 0.02, 0.03 -> +2.00, sd 1.00 points, CI
+    [-0.48, +4.48]; a mask step's reconstructed vs magnitude accuracy on seeds 0, 1: differences 0.10, 0.12:
+    +11.00 [-1.71, +23.71] (the q4 example above, in points)."""
+    summaries = {"static": [{"final_test_acc": v} for v in (0.90, 0.91, 0.92)],
+                 "cpt": [{"final_test_acc": v} for v in (0.91, 0.93, 0.95)]}
+    steps = {"mask": {"m": {"run": "static", "seed": None}}}
+    records = {("mask", "m", s, "mask.json"): {"accuracy": {"magnitude": mag, "reconstructed": mag + gain}}
+               for s, (mag, gain) in enumerate(((0.5, 0.10), (0.6, 0.12), (0.7, 0.11)))}
+    rows = {"static": ["static"], "cpt": ["CPT"]}
+    tables = [{"_target_": T + "RunTable", "header": ["run", "vs static"], "rows": rows, "columns": [
+                  {"_target_": T + "Verdict", "key": "final_test_acc", "scale": 100, "baselines": {"cpt": "static"}}]},
+              {"_target_": T + "GridTable", "header": ["conversion", "reconstructed vs magnitude"], "rows": {
+                  "2:4": ["m"]}, "cell": {"_target_": T + "Verdict", "key": "accuracy.reconstructed", "scale": 100,
+                                          "baseline_key": "accuracy.magnitude"}}]
+    text = experiment_report(folder_with(tmp_path, tables, summaries, steps, records))
+    lines = table_lines(text)
+    assert lines[2:4] == ["| static | baseline |", "| CPT | +2.00 [-0.48, +4.48] 3/3 not resolved (~4 seeds) |"]
+    # 0.10, 0.12, 0.11: mean 0.11, sd 0.01, half-width 0.02484 -> [+8.52, +13.48] points, better
+    assert lines[6] == "| 2:4 | +11.00 [+8.52, +13.48] 3/3 better |"
+    assert "(cpt − static; final_test_acc ×100)" in text
+    assert "(accuracy.reconstructed − accuracy.magnitude of the same run ×100)" in text
+
+
+def claim(**kw) -> dict:
+    return {"claim": "q4 worse than fp32", "source": "a paper (spec/x.md)", "a": "q4", "b": "fp32",
+            "key": "final_test_acc", "scale": 100, "expect": "worse", **kw}
+
+
+def test_claims_table(tmp_path):
+    """Accuracies fp32 0.90, 0.92, 0.91; q4 0.85, 0.88, 0.86: differences -0.05, -0.04, -0.05, mean -4.67
+    points, sd 0.577, half-width 4.3027 * 0.577 / 1.732 = 1.434: CI [-6.10, -3.23] -> worse. q8 0.91, 0.91,
+    0.92: differences +0.01, -0.01, +0.01, mean +0.33, sd 1.155, half-width 2.869: CI [-2.54, +3.20]."""
+    summaries = {"fp32": [{"final_test_acc": v, "gbitops": 10.0} for v in (0.90, 0.92, 0.91)],
+                 "q4": [{"final_test_acc": v, "gbitops": 4.0} for v in (0.85, 0.88, 0.86)],
+                 "q8": [{"final_test_acc": v} for v in (0.91, 0.91, 0.92)]}
+    claims = [claim(),
+              claim(claim="q4 better than fp32", expect="better"),
+              claim(claim="q4 no worse than fp32", expect="no_worse", margin=1.0),
+              claim(claim="q8 no worse than fp32", a="q8", expect="no_worse", margin=3.0),
+              claim(claim="q8 better than fp32", a="q8", expect="better"),
+              claim(claim="q4 fewer GBitOPs", key="gbitops", scale=1.0, digits=1, expect="better")]
+    text = experiment_report(folder_with(tmp_path, [], summaries, claims=claims))
+    lines = table_lines(text)
+    assert lines[0] == ("| claim | source | measured | figure | difference [95% CI] | seeds agreeing | verdict | "
+                        "the claim is |")
+    fig = "final_test_acc ×100, higher is better"
+    assert lines[2:] == [
+        f"| q4 worse than fp32 | a paper (spec/x.md) | q4 − fp32 | {fig} | -4.67 [-6.10, -3.23] | 3/3 | worse | "
+        "supported |",
+        f"| q4 better than fp32 | a paper (spec/x.md) | q4 − fp32 | {fig} | -4.67 [-6.10, -3.23] | 3/3 | worse | "
+        "contradicted |",
+        f"| q4 no worse than fp32 (margin 1) | a paper (spec/x.md) | q4 − fp32 | {fig} | -4.67 [-6.10, -3.23] | "
+        "3/3 | worse | contradicted |",
+        # worse end -2.54 within 3 points
+        f"| q8 no worse than fp32 (margin 3) | a paper (spec/x.md) | q8 − fp32 | {fig} | +0.33 [-2.54, +3.20] | "
+        "2/3 | not resolved (~49 seeds) | supported |",
+        # t_{n-1} * 1.1547 / sqrt(n) < 0.3333 first at n = 49: 2.0106 * 1.1547 / 7 = 0.3317 (n = 48: 2.0117 *
+        # 1.1547 / 6.928 = 0.3353)
+        f"| q8 better than fp32 | a paper (spec/x.md) | q8 − fp32 | {fig} | +0.33 [-2.54, +3.20] | 2/3 | "
+        "not resolved (~49 seeds) | not resolved (~49 seeds) |",
+        "| q4 fewer GBitOPs | a paper (spec/x.md) | q4 − fp32 | gbitops, lower is better | -6.0 [-6.0, -6.0] | 3/3 | "
+        "better | supported |"]
+    assert text.startswith("#### The papers' claims, measured\n") and "within the margin" in text
+
+
+def test_claims_that_cannot_be_measured_are_one_line(tmp_path):
+    summaries = {"fp32": [{"final_test_acc": 0.9}] * 3, "q4": [{"final_test_acc": 0.8}] * 3}
+    for bad, message in (
+            (claim(a="q5"), r"claims\[0\] \('q4 worse than fp32'\): a=q5 is no variant or step: use one of fp32, q4$"),
+            (claim(b="q4"), r"compares q4 with itself"),
+            (claim(margin=1.0), r"margin=1.0: a margin is 0 or more and only reads with expect=no_worse"),
+            (claim(key="steps"), r"claims\[0\] \('q4 worse than fp32'\): which way of steps is better is not known")):
+        with pytest.raises(ConfigError, match=message):
+            experiment_report(folder_with(tmp_path / str(len(message)), [], summaries, claims=[bad]))
+    with pytest.raises(ConfigError, match=r"q4 \[3, 4, 5\] and fp32 \[0, 1, 2\] share no seed, and a paired 95% "
+                                          r"interval needs 2 or more: run both on the same seeds"):
+        experiment_report(folder_with(tmp_path / "apart", [], summaries, claims=[claim()], seeds={"q4": [3, 4, 5]}))
+    with pytest.raises(ConfigError, match=r"share only seed 2, and a paired 95% interval needs 2 or more"):
+        experiment_report(folder_with(tmp_path / "one", [], summaries, claims=[claim()], seeds={"q4": [2, 3, 4]}))
+
+
+def test_a_verdict_without_shared_seeds_or_a_direction_is_one_line(tmp_path):
+    summaries = {"fp32": [{"final_test_acc": 0.9}] * 2, "q4": [{"final_test_acc": 0.8}] * 2}
+    verdict = {"_target_": T + "Verdict", "key": "final_test_acc", "baseline": "fp32"}
+    table = {"_target_": T + "RunTable", "header": ["run", "v"], "rows": {"q4": ["q4"]}, "columns": [verdict]}
+    # refused from the spec alone (build_blocks runs before `fqtrun reproduce` trains anything)
+    with pytest.raises(ConfigError, match=r"^experiment.tables\[0\] of tiny: q4 \[5, 6\] vs fp32 \[0, 1\] share no seed, "
+                                          r"and a paired 95% interval needs 2 or more: run both on the same seeds$"):
+        experiment_report(folder_with(tmp_path / "a", [table], summaries, seeds={"q4": [5, 6]}))
+    with pytest.raises(ConfigError, match=r"q4 \[1, 2\] vs fp32 \[0, 1\] share only seed 1, and a paired 95%"):
+        experiment_report(folder_with(tmp_path / "b", [table], summaries, seeds={"q4": [1, 2]}))
+    for cell, message in (({**verdict, "key": "steps"}, "which way of steps is better"),
+                          ({**verdict, "baseline": None}, "compares nothing: set baseline, baselines or baseline_key")):
+        with pytest.raises(ConfigError, match=rf"experiment.tables\[0\] of tiny cannot be built .*{message}"):
+            experiment_report(folder_with(tmp_path / message[:5], [{**table, "columns": [cell]}], summaries))
+    unknown = {**table, "columns": [{**verdict, "baselines": {"q4": "fp16"}}]}
+    with pytest.raises(ConfigError, match=r"names 'fp16', which is no variant or step: use one of fp32, q4$"):
+        experiment_report(folder_with(tmp_path / "c", [unknown], summaries))
 
 
 def test_grid_table_and_line(tmp_path):

@@ -1,5 +1,5 @@
 """The public formats API (fqtrun.formats): the same values as the formats and the integer quantizers it
-wraps, codes + scales, the Hadamard option, one-line errors, and the README's snippet runs as printed."""
+wraps, codes + scales, the Hadamard option, one-line errors, and docs/formats.md's snippet runs as printed."""
 
 from __future__ import annotations
 
@@ -69,8 +69,7 @@ def test_saturated_and_errors():
                                  "mxfp4", "nvfp4", "int8", "int2"}
 
 
-def test_the_readme_snippet_runs():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Number formats", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 (the README's own example)
+def test_the_docs_snippet_runs():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "formats.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    exec(compile(code, "docs/formats.md", "exec"), {})  # noqa: S102 (the page's own example)

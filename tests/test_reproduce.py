@@ -45,8 +45,10 @@ def tiny(out, cache, jobs: int = 1, steps: bool = True, overrides: tuple[str, ..
             {"_target_": T + "RunTable", "header": ["conversion", "dense", "magnitude"], "rows": {"nm": ["2:4"]},
              "columns": [{**ACC, "key": "accuracy.dense"}, {**ACC, "key": "accuracy.magnitude"}]},
             {"_target_": T + "IntbnTable", "source": "bn"}]
+    # native numerics: this test process is not pinned (portable reproduce runs: tests/test_portable.py)
     return OmegaConf.merge(OmegaConf.structured(ReproduceConfig), {
-        "experiment": experiment, "jobs": jobs, "out": str(out), "overrides": list(overrides)})
+        "experiment": experiment, "jobs": jobs, "out": str(out), "overrides": list(overrides),
+        "numerics": {"portable": False}})
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from fqtrun.bench.tables import load_line, result_tables
 from fqtrun.commands.common import run_reporting_errors
 from fqtrun.config import register_configs
 from fqtrun.files import write_json
+from fqtrun.numerics_mode import NumericsModeConfig, portable_scope
 from fqtrun.training.loggers import make_console
 
 
@@ -39,12 +40,14 @@ class BenchConfig:
     bench: BenchSettings = field(default_factory=BenchSettings)
     batch_size: int = 512
     seed: int = 0
+    numerics: NumericsModeConfig = field(default_factory=NumericsModeConfig)
 
 
 ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
 register_configs()
 
 
+@portable_scope
 def run_bench(cfg: DictConfig, out_dir: Path) -> dict:
     """Measure every figure at every thread count; write bench.json; print the tables."""
     result = run_suite(OmegaConf.to_object(cfg.bench), cfg.model, cfg.batch_size, cfg.seed)

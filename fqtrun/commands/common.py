@@ -7,6 +7,7 @@ as arguments.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -31,11 +32,28 @@ def user_error(exc: BaseException) -> BaseException | None:
     that met NaN/inf (NonFiniteError, naming the layer and slot) where no command turned it into one of
     those is reported the same way.
     """
-    while isinstance(exc, InstantiationException) and exc.__cause__ is not None:
-        exc = exc.__cause__
+    if isinstance(exc, InstantiationException):
+        return construction_error(exc)
     if isinstance(exc, MissingMandatoryValue):
         return FqtrunError(f"{exc.full_key} is required and not set: pass {exc.full_key}=<value>")
     return exc if isinstance(exc, (FqtrunError, ValueError, NonFiniteError)) else None
+
+
+def construction_error(exc: InstantiationException) -> BaseException | None:
+    """The user error inside Hydra's multi-line "Error in call to target ..." (user_error's rules), or, for a
+    component that does not take its settings (a keyword it has no parameter for, a wrong type), one line
+    naming the config node, its class and the fix."""
+    outer, cause = exc, exc
+    while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if not isinstance(cause, TypeError):
+        return None if isinstance(cause, InstantiationException) else user_error(cause)
+    key = re.search(r"full_key: (\S+)", str(outer))
+    target = re.search(r"target '([^']+)'", str(outer))
+    node = key.group(1) if key else "a component"
+    built = f" ({target.group(1)})" if target else ""
+    return FqtrunError(f"{node}{built} cannot be built from its settings: {' '.join(str(cause).split())}: "
+                       "fix or drop that setting")
 
 
 def run_reporting_errors(task: Callable[[DictConfig, Path], object], cfg: DictConfig) -> object:

@@ -3,7 +3,9 @@
     fqtrun report multirun/2026-11-22/10-00-00              (positional folders; or dirs=[a,b])
     fqtrun report outputs multirun out=reports/today
     fqtrun report multirun/lm baseline=outputs/gpt_fp32      (a gap column: each group's final
-                                                              headline metric minus the baseline's)
+                                                              headline metric minus the baseline's,
+                                                              and the paired verdict against it)
+    fqtrun report multirun/x baseline=bits=8                 (the baseline: the group with bits=8)
     fqtrun report results/fqt                               (a `fqtrun reproduce` folder: its tables.md)
 
 Runs (single runs and sweep jobs alike) are grouped by their command-line overrides minus the
@@ -38,8 +40,10 @@ class ReportConfig:
     dirs: list[str] = field(default_factory=list)  # run / sweep folders (positional on the command line)
     out: str | None = None  # where the grouped report goes; null = the first of dirs (tables.md stays in its folder)
     plots: bool = True
-    # a run or sweep folder whose finished runs are the reference (e.g. the fp32 model): the table gets each
-    # group's gap in the mean final headline metric (test acc; validation loss for language models) to theirs
+    # the reference: a run or sweep folder (e.g. the fp32 model's), or one of the reported groups by its
+    # settings (baseline=bits=8, baseline='quant=qat bits=8', baseline='(defaults)'). The table gets each
+    # group's gap in the mean final headline metric (test acc; validation loss for language models) to the
+    # baseline's, and the comparison paired by seed: mean difference [95% CI] seeds agreeing, verdict
     baseline: Optional[str] = None
     # override keys (and their sub-keys) that do not define an experiment: left out of the grouping
     ignore: list[str] = field(default_factory=lambda: ["seed", "resume", "skip_done", "threads", "device",
@@ -55,7 +59,15 @@ def prepare_argv(args: list[str]) -> list[str]:
     if dirs:
         quoted = ",".join("'" + d.replace("\\", "\\\\").replace("'", "\\'") + "'" for d in dirs)
         out.append(f"dirs=[{quoted}]")
-    return out
+    return [_quote_baseline(a) for a in out]
+
+
+def _quote_baseline(arg: str) -> str:
+    """baseline=bits=8 -> baseline='bits=8': a group's settings hold '=', which Hydra reads only quoted."""
+    key, _, value = arg.partition("=")
+    if key != "baseline" or not value or value[0] in "'\"" or not any(c in value for c in "= ()"):
+        return arg
+    return "baseline='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def run_report(cfg: DictConfig, out_dir: Path | None = None) -> dict:

@@ -8,7 +8,7 @@ sampling, seed makes it repeatable. Prints the prompt and its continuation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +18,7 @@ from omegaconf import MISSING, DictConfig
 
 from fqtrun.commands.common import run_reporting_errors
 from fqtrun.config import register_configs
+from fqtrun.numerics_mode import NumericsModeConfig
 from fqtrun.runs.sample import run_sample
 
 
@@ -31,6 +32,7 @@ class SampleConfig:
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | auto
     threads: int = 0  # torch CPU threads (0 = torch's default)
+    numerics: NumericsModeConfig = field(default_factory=NumericsModeConfig)
 
 
 register_configs()

@@ -3,6 +3,6 @@
 from fqtrun.data.base import DataBundle, DatasetError
 from fqtrun.data.loader import make_loader
 
-DATASETS = ["mnist1d", "digits", "synthetic", "cifar10", "cifar100", "imagenet", "text"]
+DATASETS = ["mnist1d", "digits", "synthetic", "cifar10", "cifar100", "imagenet", "text", "tokens"]
 
 __all__ = ["DATASETS", "DataBundle", "DatasetError", "make_loader"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from hydra.utils import instantiate
 from torch.utils.data import Dataset
 
 from fqtrun.errors import CheckpointError, FqtrunError
@@ -39,6 +40,22 @@ class DataBundle:
 
     def facts(self) -> dict:
         return {}
+
+    def task_options(self) -> dict:
+        """Keyword arguments the task is built with besides the run's (a language model's bytes per token)."""
+        return {}
+
+    def tokenizer_json(self) -> str | None:
+        """A tokenizer this data was tokenised with that a run must keep (its checkpoints carry it, so
+        resume, sample and variance rebuild the same ids instead of training another); None: nothing to keep."""
+        return None
+
+
+def build_bundle(node, checkpoint: dict | None = None) -> DataBundle:
+    """The dataset of a `dataset` config node; a checkpoint that carries a tokenizer (DataBundle.tokenizer_json)
+    hands it to the builder as `saved_tokenizer`, which uses it as it is."""
+    saved = (checkpoint or {}).get("tokenizer")
+    return instantiate(node, **({"saved_tokenizer": saved} if saved else {}))
 
 
 def check_signature(theirs: dict, ours: dict, path) -> None:

@@ -63,14 +63,27 @@ class ImagenetConfig:
 class TextConfig:
     _target_: str = "fqtrun.data.text.build"
     root: Optional[str] = None  # a text file or a folder of .txt files; null: the embedded CPython docs
-    tokenizer: str = "char"  # char (vocabulary from the training split) | byte (256 symbols)
+    # char (vocabulary from the training split) | byte (256 symbols) | bpe (byte-level BPE trained on the
+    # training split, saved with the run) | the path of a tokenizer.json to use as it is
+    tokenizer: str = "char"
     block_size: Optional[int] = II("oc.select:model.block_size,null")  # window length: model.block_size
     val_fraction: float = 0.1  # the last 10% of the tokens is the validation split
     val_windows: int = 1000  # at most this many validation windows (evenly spaced over the split)
+    vocab_size: Optional[int] = None  # tokenizer=bpe only: its size, 256 bytes + merges (null: 1024)
+
+
+@dataclass
+class TokensConfig:
+    _target_: str = "fqtrun.data.tokens.build"
+    root: str = "???"  # a folder with train.bin and val.bin (nanoGPT's format; `fqtrun prepare` writes one)
+    block_size: Optional[int] = II("oc.select:model.block_size,null")  # window length: model.block_size
+    vocab_size: Optional[int] = None  # the model's vocabulary (null: the folder's meta.json / meta.pkl)
+    val_windows: int = 1000  # at most this many validation windows (evenly spaced over val.bin)
 
 
 SCHEMAS = {"mnist1d": Mnist1dConfig, "digits": DigitsConfig, "synthetic": SyntheticConfig,
-           "cifar10": Cifar10Config, "cifar100": Cifar100Config, "imagenet": ImagenetConfig, "text": TextConfig}
+           "cifar10": Cifar10Config, "cifar100": Cifar100Config, "imagenet": ImagenetConfig, "text": TextConfig,
+           "tokens": TokensConfig}
 
 
 def register_configs(cs: ConfigStore) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-MODELS = ["mlp", "cnn1d", "transformer", "gpt", "resnet20", "resnet32", "resnet44", "resnet56", "resnet74",
+MODELS = ["mlp", "cnn1d", "transformer", "gpt", "llama", "resnet20", "resnet32", "resnet44", "resnet56", "resnet74",
           "resnet110", "preact_resnet56", "resnet18", "resnet50", "mobilenet_v2"]
 
 

@@ -7,6 +7,7 @@ hydra.utils.instantiate(cfg.model, num_classes=..., input_shape=...).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -48,6 +49,21 @@ class GPTConfig:
 
 
 @dataclass
+class LlamaConfig:
+    _target_: str = "fqtrun.models.llama.Llama"
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: Optional[int] = None  # key/value heads, dividing n_head (grouped-query attention); null: n_head
+    dim: int = 64  # width; a multiple of n_head with an even head size (rotary pairs)
+    ffn_hidden: Optional[int] = None  # SwiGLU width; null: Llama's 8/3 dim rounded up to multiple_of (64 -> 192)
+    multiple_of: int = 32
+    norm_eps: float = 1e-5  # RMSNorm's epsilon
+    rope_theta: float = 10000.0  # rotary base: pair i turns by pos * rope_theta^(-2i / head size)
+    block_size: int = 64  # context length: the positions the rotary tables cover, and the text dataset's window
+    tie_weights: bool = False  # true: the output head shares the token embedding's weights
+
+
+@dataclass
 class ResNetCifarConfig:
     _target_: str = "fqtrun.models.resnet_cifar.ResNetCifar"
     depth: int = 20        # 6n+2
@@ -62,7 +78,7 @@ class TorchvisionConfig:
 
 
 SCHEMAS = {"mlp": MlpConfig, "cnn1d": Cnn1dConfig, "transformer": TransformerConfig, "gpt": GPTConfig,
-           "resnet_cifar": ResNetCifarConfig, "torchvision": TorchvisionConfig}
+           "llama": LlamaConfig, "resnet_cifar": ResNetCifarConfig, "torchvision": TorchvisionConfig}
 
 
 def register_configs(cs: ConfigStore) -> None:

@@ -20,6 +20,8 @@ any right-multiplication).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -37,7 +39,7 @@ from fqtrun.quant.householder import BlockHouseholderTransform, block_householde
 from fqtrun.quant.native import bhq as native_bhq
 from fqtrun.quant.native import sr as native_sr
 from fqtrun.quant.native.sr import SRJob, SRResult
-from fqtrun.quant.numerics import check_range
+from fqtrun.quant.numerics import NonFiniteError, check_range
 
 Tensor = torch.Tensor
 
@@ -84,7 +86,7 @@ class GradCodes:
         v = self.grid_values()
         if self.transform is not None:
             v = self.transform.inverse_(v)
-        return v.to(self.dtype)
+        return saturate_(v).to(self.dtype)
 
 
 class _SRGradientQuantizer:
@@ -161,7 +163,30 @@ class _SRGradientQuantizer:
         return GradCodes(res.out, res.scale, res.zero, self.bits, x.dtype, transform, res.lo, res.rowsum, res.colsum)
 
     def quantize(self, x: Tensor, seed: int) -> GradCodes:
-        """SR codes of T x on the quantizer's grid, noise from uniform_noise(x.shape, seed)."""
+        """SR codes of T x on the quantizer's grid, noise from uniform_noise(x.shape, seed).
+
+        A finite x whose intermediates overflow float32 (ranges or BHQ's group sums near 3.4e38) is
+        quantized as 2^-k x with its grid scaled back by 2^k (overflow_retry): the same codes the exact
+        arithmetic gives, since a power of two leaves every min-max grid's relative position unchanged."""
+        try:
+            return self._quantize(x, seed)
+        except NonFiniteError:
+            k = overflow_shift(x, self.name)
+            gc = self._quantize(torch.ldexp(x.detach().float(), torch.tensor(-float(k))), seed)
+            unit = 2.0 ** k
+            return dataclasses.replace(gc, scale=gc.scale * unit, lo=None if gc.lo is None else gc.lo * unit,
+                                       dtype=x.dtype)
+
+    def __call__(self, x: Tensor, seed: int) -> Tensor:
+        """quantize(x, seed).dequantize(), fused (same values; the same overflow retry)."""
+        try:
+            return self._fake(x, seed)
+        except NonFiniteError:
+            k = overflow_shift(x, self.name)
+            v = self._fake(torch.ldexp(x.detach().float(), torch.tensor(-float(k))), seed)
+            return saturate_(torch.ldexp(v.float(), torch.tensor(float(k)))).to(x.dtype)
+
+    def _quantize(self, x: Tensor, seed: int) -> GradCodes:
         fast = self._native(_as_matrix(type(self).__name__, x), seed, codes=True)
         if fast is not None:
             return self._codes(x, *fast)
@@ -171,15 +196,14 @@ class _SRGradientQuantizer:
         scale, zero, lo = grid
         return GradCodes(codes, scale, zero, self.bits, x.dtype, transform, lo)
 
-    def __call__(self, x: Tensor, seed: int) -> Tensor:
-        """quantize(x, seed).dequantize(), fused (same values)."""
+    def _fake(self, x: Tensor, seed: int) -> Tensor:
         fast = self._native(_as_matrix(type(self).__name__, x), seed, codes=False)
         if fast is not None:
             self._record(x, fast[1])
             return fast[0].out.to(x.dtype)
         y, grid, transform = self._prepare(x)
         v = self._sr(y, grid, seed, dequant=True)
-        v = v if transform is None else transform.inverse_(v)  # v is this call's own buffer
+        v = v if transform is None else saturate_(transform.inverse_(v))  # v is this call's own buffer
         self._record(x, transform)
         return v.to(x.dtype)
 
@@ -225,12 +249,37 @@ def quantize_pair(dx_q: _SRGradientQuantizer, dw_q: _SRGradientQuantizer, x: Ten
     qs = (dx_q, dw_q)
     xf = _as_matrix("quantize_pair", x)
     if not any(isinstance(q, BlockHouseholder) or q.bits > 8 for q in qs):
-        ranges = _ranges(xf, {q.keep_dim for q in qs})
-        if ranges is not None:
-            res = native_sr.sr_pass(xf, [q._sr_job(ranges, s) for q, s in zip(qs, (seed_dx, seed_dw))])
-            if res is not None:
-                return dx_q._codes(x, res[0], None), dw_q._codes(x, res[1], None)
+        try:
+            ranges = _ranges(xf, {q.keep_dim for q in qs})
+            res = None if ranges is None else native_sr.sr_pass(
+                xf, [q._sr_job(ranges, s) for q, s in zip(qs, (seed_dx, seed_dw))])
+        except NonFiniteError:
+            res = None  # the separate calls say whether x or an intermediate was non-finite, or retry
+        if res is not None:
+            return dx_q._codes(x, res[0], None), dw_q._codes(x, res[1], None)
     return dx_q.quantize(x, seed_dx), dw_q.quantize(x, seed_dw)
+
+
+def saturate_(v: Tensor) -> Tensor:
+    """v with +-inf set to float32's largest finite value, in place: a quantized value of a finite input that
+    lies past the limit (a top level rounded past it; BHQ's T^-1 of rows near it) saturates, as a cast would."""
+    big = torch.finfo(torch.float32).max
+    return v.clamp_(-big, big)
+
+
+def overflow_shift(x: Tensor, name: str) -> int:
+    """k such that 2^-k x leaves every intermediate of a quantizer finite (its ranges, BHQ's scaled rows and
+    group sums of up to sqrt(N) + 3 of them, with 8 bits to spare); NonFiniteError naming the input when x
+    itself holds NaN or inf."""
+    amax = x.detach().abs().amax().double()
+    if not bool(torch.isfinite(amax)):
+        raise NonFiniteError("gradient")
+    rows = x.shape[0] if x.dim() else 1
+    room = 127 - 8 - math.ceil(math.log2(math.sqrt(rows) + 3))
+    k = max(0, int(torch.frexp(amax).exponent) - room)
+    if k == 0:  # x had room already: the overflow is not x's size but a bug; say so instead of looping
+        raise NonFiniteError(f"gradient ({name})", intermediate=True)
+    return k
 
 
 class PerTensor(_SRGradientQuantizer):
@@ -273,6 +322,8 @@ class PerSample(_SRGradientQuantizer):
         if res is None:
             return None
         check_range(res[0].lo, res[0].scale, what="gradient")  # a NaN row leaves lo NaN, an inf one scale inf
+        check_range(res[0].scale * float(2**self.bits - 1) + res[0].lo, what="grid of the gradient",
+                    intermediate=True)  # each row's top level: a finite row at the float32 limit may round past it
         return res[0], None
 
     def __repr__(self) -> str:
@@ -294,7 +345,9 @@ class BlockHouseholder(_SRGradientQuantizer):
     """BHQ: rows grouped by range, T = H_n diag(s1, s2, ..., s2) per group, then PSQ on T X.
 
     Ranges are the rows' max - min, the span PSQ's min-max grid covers (as the reference code's
-    preconditioner); a zero range means a constant row. N = 1 gives exactly PSQ. The rows of T X get
+    preconditioner); a zero range means a constant row, and a group of constant rows is left as it is (exact on
+    its grid). Near float32's limit a group's scales take a power of two that keeps T X finite (the same codes);
+    a finite input stays finite (overflow_shift, saturate_). N = 1 gives exactly PSQ. The rows of T X get
     the min-max grid: the reflections mix rows, so no zero-aligned grid could keep exact zeros anyway.
     With the C kernels: a range pass, the set-up, one pass for T X and its row ranges, and one for the SR
     and (for values) T^-1, in place.
@@ -303,13 +356,30 @@ class BlockHouseholder(_SRGradientQuantizer):
     name = "householder"
     keep_dim = 0
 
+    def _transform(self, lo: Tensor, hi: Tensor) -> BlockHouseholderTransform:
+        """T from the (N,) row minima and maxima, each group's scales times the power of two that keeps its
+        rows and group sums finite (1 unless they would overflow; the same codes: min-max grids scale along)."""
+        check_range(lo, hi, what="gradient")
+        ranges = hi - lo
+        check_range(ranges, what="row ranges of the gradient", intermediate=True)  # rows spanning +-1.8e38 and more
+        transform = block_householder_transform(ranges).without_constant_groups(ranges)
+        return transform.with_headroom(torch.maximum(lo.abs(), hi.abs()))
+
+    @staticmethod
+    def _inverse_may_overflow(transform: BlockHouseholderTransform, ylo: Tensor, yhi: Tensor) -> bool:
+        """Whether T^-1 of values within the rows' ranges [ylo, yhi] could leave float32 (a bound on (N,)
+        vectors, no pass over the gradient): |(T^-1 y)_i| <= (sqrt(n) + 3) max_group |y| / s_i."""
+        top = torch.maximum(ylo.abs(), yhi.abs()).view(-1).double()
+        group_top = torch.zeros_like(top).scatter_reduce_(0, transform.group, top, reduce="amax")
+        n = transform.sizes.double()[transform.group]
+        bound = (n.sqrt() + 3.0) * group_top[transform.group] / transform.row_scale.view(-1).double()
+        return bool((bound >= 2.0**127).any())
+
     def _prepare(self, x: Tensor):
         xf = _as_matrix(type(self).__name__, x)
         if xf.numel() == 0:
             return super()._prepare(x)
-        lo, hi = xf.amin(dim=1), xf.amax(dim=1)
-        check_range(lo, hi, what="gradient")
-        transform = block_householder_transform(hi - lo)
+        transform = self._transform(xf.amin(dim=1), xf.amax(dim=1))
         y = transform.apply(xf)
         grid = span_grid_from_range(y.amin(dim=1, keepdim=True), y.amax(dim=1, keepdim=True), self.bits)
         return y, grid, transform
@@ -319,13 +389,14 @@ class BlockHouseholder(_SRGradientQuantizer):
         if got is None:
             return None
         lo, hi = got[0]
-        check_range(lo, hi, what="gradient")
-        transform = block_householder_transform((hi - lo).view(-1))
+        transform = self._transform(lo.view(-1), hi.view(-1))
         got = native_bhq.transformed(xf, transform)
         if got is None:
             return None
         y, grid = got[0], span_grid_from_range(*got[1:], self.bits)
         res = native_bhq.quantize(y, transform, grid, self.bits, seed, codes)
+        if res is not None and not codes and self._inverse_may_overflow(transform, *got[1:]):
+            saturate_(res.out)
         return None if res is None else (res, transform)
 
 

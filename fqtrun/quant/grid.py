@@ -209,8 +209,11 @@ def covering_grid_from_range(lo: Tensor, hi: Tensor, bits: int, what: str = "gra
     scale = torch.minimum(s1, s2)
     zero = torch.where(both, zero, torch.where(lo < 0, torch.full_like(lo, big), torch.zeros_like(lo)))
     one_sided = torch.maximum(-lo, hi) / big
-    scale = torch.where(both, scale, one_sided)
-    return _positive(scale), zero
+    scale = _positive(torch.where(both, scale, one_sided))
+    # the outermost levels data can round to
+    check_range(torch.floor(lo / scale) * scale, torch.ceil(hi / scale) * scale, what=f"grid of the {what}",
+                intermediate=True)
+    return scale, zero
 
 
 def _positive(scale: Tensor) -> Tensor:
@@ -239,6 +242,7 @@ def span_grid_from_range(lo: Tensor, hi: Tensor, bits: int,
     lo, hi = lo.float(), hi.float()
     # halves avoid overflow of hi - lo near the float32 limit (same value as (hi - lo) / B otherwise)
     scale = _positive((hi * 0.5 - lo * 0.5) / float(levels(bits)) * 2.0)
+    check_range(scale * float(levels(bits)) + lo, what=f"grid of the {what}", intermediate=True)  # its top level
     return scale, torch.zeros_like(scale), lo
 
 

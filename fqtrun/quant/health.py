@@ -66,10 +66,10 @@ def named_slot(layer, record, slot: str, x: Tensor) -> Iterator[None]:
     name, set by convert) and the slot; on a probe step the record keeps x's non-finite count."""
     try:
         yield
-    except NonFiniteError:
+    except NonFiniteError as err:
         if record.probe:
             record.health[slot] = measure(x, None)
-        raise NonFiniteError(SLOT_WHAT[slot], getattr(layer, "name", None), slot) from None
+        raise NonFiniteError(SLOT_WHAT[slot], getattr(layer, "name", None), slot, err.intermediate) from None
 
 
 def stats(sums: Tensor, bits: int | None) -> dict[str, float]:

@@ -7,6 +7,7 @@ T^-1 and H as rank-1 updates per group (a segment sum and a gather, O(N D), no N
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,29 @@ class BlockHouseholderTransform:
             out.copy_(y)
         out.addcmul_(t, self.coef, value=-1.0)
         return out if post is None else out.mul_(torch.reciprocal(post))  # a multiply: cheaper than a divide
+
+    def without_constant_groups(self, ranges: Tensor) -> BlockHouseholderTransform:
+        """This T with the identity on groups whose rows all have zero range (the leader's range is the
+        group's largest): constant rows are exact on their min-max grids, so mixing them gains nothing and
+        only adds rounding (and, near float32's limit, overflow)."""
+        constant = (ranges.view(-1)[self.leader[self.group]] == 0).view_as(self.coef)
+        if not bool(constant.any()):
+            return self
+        zero = torch.zeros_like(self.coef)
+        scale = torch.where(constant, torch.ones_like(self.row_scale), self.row_scale)
+        return dataclasses.replace(self, row_scale=scale, coef=torch.where(constant, zero, self.coef),
+                                   weight=torch.where(constant, zero, self.weight))
+
+    def with_headroom(self, row_max: Tensor, spare_bits: int = 8) -> BlockHouseholderTransform:
+        """This T with each group's scales times a power of two 2^-k_g that keeps the group's scaled rows
+        and its group sums (at most (sqrt(n) + 2) times its largest scaled entry) below float32's limit by
+        `spare_bits`; k_g = 0 where they already are. row_max: (N,) largest |x| of each row. T^-1 scales
+        back by the same power, so quantizing on min-max row grids gives the codes of exact arithmetic."""
+        need = (self.row_scale.view(-1).double() * row_max.double()) * (self.sizes.double().sqrt() + 3.0)[self.group]
+        top = torch.zeros_like(need).scatter_reduce_(0, self.group, need, reduce="amax")
+        k = (torch.frexp(top).exponent - (127 - spare_bits)).clamp(min=0)
+        scale = torch.ldexp(self.row_scale.view(-1).double(), -k[self.group].double()).float()
+        return dataclasses.replace(self, row_scale=scale.view_as(self.row_scale))
 
     def householder(self, y: Tensor) -> Tensor:
         """H y (blockwise; H = H^T = H^-1)."""

@@ -11,16 +11,25 @@ import torch
 
 
 class NonFiniteError(FloatingPointError):
-    """NaN or inf in a tensor being quantized; `layer` and `slot` are filled in by the backend when known."""
+    """NaN or inf in a tensor being quantized; `layer` and `slot` are filled in by the backend when known.
 
-    def __init__(self, what: str = "input", layer: str | None = None, slot: str | None = None):
-        self.what, self.layer, self.slot = what, layer, slot
+    intermediate=False: the tensor handed to the quantizer holds them; True: it was finite and a value the
+    quantizer computed from it overflowed (a defect of the quantizer, reported as such)."""
+
+    def __init__(self, what: str = "input", layer: str | None = None, slot: str | None = None,
+                 intermediate: bool = False):
+        self.what, self.layer, self.slot, self.intermediate = what, layer, slot, intermediate
         where = f"layer {layer}, slot {slot}" if layer is not None else (f"slot {slot}" if slot else "a quantizer")
-        super().__init__(f"non-finite values (NaN or inf) in the {what} of {where}")
+        if intermediate:  # the input was finite: say so, or a user hunts for a NaN their model never made
+            super().__init__(f"non-finite values (NaN or inf) computed from the finite {what} of {where}: an "
+                             "overflow inside the quantizer (please report it)")
+        else:
+            super().__init__(f"non-finite values (NaN or inf) in the {what} of {where}")
 
 
-def check_range(*ranges: torch.Tensor, what: str = "input") -> None:
-    """Raise NonFiniteError when a computed range holds NaN or inf (one small reduction, one host sync)."""
+def check_range(*ranges: torch.Tensor, what: str = "input", intermediate: bool = False) -> None:
+    """Raise NonFiniteError when a computed range holds NaN or inf (one small reduction, one host sync).
+    intermediate: the ranges are computed values (a grid's levels), not the input's own min and max."""
     for r in ranges:
         if not bool(torch.isfinite(r).all()):
-            raise NonFiniteError(what)
+            raise NonFiniteError(what, intermediate=intermediate)

@@ -3,7 +3,9 @@
 Each block is built with instantiate from the spec's `experiment.tables` (its `_target_` names a
 class below) and renders markdown from the folder's Results (fqtrun.experiment.layout): one record
 per seed of every variant (its summary.json) and of every step (variance.json, mask.json, intbn.json).
-A cell is one figure of one source (a variant or step name) over its records.
+A cell is one figure of one source (a variant or step name) over its records; a Verdict cell compares
+it with a baseline source paired by seed (fqtrun.report.paired). The experiment's claims (spec.Claim)
+become the last block: each paper's comparison, measured, and whether it holds.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ from typing import Any, Optional
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from fqtrun.analysis.variance import LAYERS_PLOT
 from fqtrun.errors import ConfigError
 from fqtrun.experiment.layout import TABLES_FILE, Results, load_results
-from fqtrun.experiment.spec import steps
+from fqtrun.experiment.spec import Claim, Expect, check_claims, source_seeds, steps
 from fqtrun.precision.trace_plot import plot_bit_traces
+from fqtrun.report.machines import machine_block
 from fqtrun.report.markdown import markdown_table, mean_std
+from fqtrun.report.paired import Comparison, assess, compare, direction, lookup
 
 
 # ----- cells: one figure of one source -----------------------------------------------------------
@@ -49,6 +54,10 @@ class Cell:
     def sources(self) -> list[str]:
         """The sources the cell reads besides its row's."""
         return []
+
+    def legend(self) -> str:
+        """A line under the table that explains the cell ("": none needed)."""
+        return ""
 
 
 @dataclass
@@ -95,28 +104,66 @@ class Ratio(Cell):
         return list(self.baselines.values())
 
 
+def seed_values(results: Results, source: str, key: str) -> dict[int, float]:
+    """{seed: the figure} of a source's records (the seed read from each record's seed<k> folder)."""
+    lookup(results.records, source, "variant or step")
+    figures = values(results, source, key)
+    return {int(f.name.removeprefix("seed")): v for f, v in zip(results.folders[source], figures)}
+
+
 @dataclass
-class Gap(Cell):
-    """Mean of `key` over the source's seeds minus the same over the `reference` source's (e.g. the
-    validation-loss gap to fp32), signed. Two variants trained on the same seeds (>= 2) are paired
-    (same initialisation and batches), so the cell adds the sample std of the per-seed differences:
-    a gap within about that of zero is not resolved by these seeds."""
+class Verdict(Cell):
+    """The row's source against its baseline paired by seed: mean difference [95% CI] seeds agreeing, verdict
+    (fqtrun.report.paired), e.g. '+2.41 [+0.90, +3.92] 3/3 better'. The baseline is `baselines[source]`,
+    else `baseline`, else the source itself with `baseline_key` (two figures of one record, e.g. accuracy
+    after reconstruction vs after magnitude masks); a source that is its own baseline shows 'baseline'."""
 
     key: str
-    reference: str
-    digits: int = 4
+    baseline: Optional[str] = None
+    baselines: dict[str, str] = field(default_factory=dict)  # source -> its baseline, where it differs
+    baseline_key: Optional[str] = None  # the baseline's figure; null: key
+    scale: float = 1.0
+    digits: int = 2
+    better: Optional[str] = None  # higher | lower; null: from the key's name
+    direction: str = field(init=False)
+
+    def __post_init__(self):
+        if not (self.baseline or self.baselines or self.baseline_key):
+            raise ConfigError(f"a Verdict on {self.key} compares nothing: set baseline, baselines or "
+                              "baseline_key")
+        self.direction = direction(self.key, self.better)  # a one-line error at build time, before any run
+
+    def against(self, source: str) -> Optional[tuple[str, str]]:
+        """(the baseline source, its figure's key) of the source's row; None: the source is its own
+        baseline."""
+        base, key = self.baselines.get(source, self.baseline or source), self.baseline_key or self.key
+        return None if (base, key) == (source, self.key) else (base, key)
 
     def __call__(self, source: str, results: Results) -> str:
-        mine, ref = values(results, source, self.key), values(results, self.reference, self.key)
-        gap = statistics.fmean(mine) - statistics.fmean(ref)
-        seeds = [[f.name for f in results.folders[s]] for s in (source, self.reference)]  # seed<k> folders
-        if source == self.reference or len(mine) < 2 or seeds[0] != seeds[1]:
-            return f"{gap:+.{self.digits}f}"
-        spread = statistics.stdev([a - b for a, b in zip(mine, ref)])
-        return f"{gap:+.{self.digits}f} ± {spread:.{self.digits}f}"
+        if self.against(source) is None:
+            return "baseline"
+        return self.compare(source, results).text(self.scale, self.digits)
+
+    def compare(self, source: str, results: Results) -> Comparison:
+        base, base_key = self.against(source)
+        b = base if base_key == self.key else f"{base} {base_key}"
+        mine, theirs = seed_values(results, source, self.key), seed_values(results, base, base_key)
+        return compare(source, mine, b, theirs, self.direction)
 
     def sources(self) -> list[str]:
-        return [self.reference]
+        return [*self.baselines.values(), *([self.baseline] if self.baseline else [])]
+
+    def legend(self) -> str:
+        """The line under a table that says how to read the cell and which way is better."""
+        scale = f" ×{self.scale:g}" if self.scale != 1 else ""
+        pairs = [f"{s} − {b}" for s, b in self.baselines.items()]
+        if self.baseline:
+            pairs.append(f"{'other rows' if pairs else 'row'} − {self.baseline}")
+        what = (f"{', '.join(pairs)}; {self.key}{scale}" if pairs else
+                f"{self.key} − {self.baseline_key} of the same run{scale}")
+        return (f"Verdicts pair runs by seed ({what}): mean difference [95% CI, Student t over the seeds], "
+                f"seeds agreeing in sign / seeds, verdict ({self.direction} is better); not resolved: the CI "
+                "holds 0, and (~n seeds) is about how many seeds would resolve the difference seen.")
 
 
 @dataclass
@@ -132,6 +179,11 @@ def _block(*parts: str) -> str:
     return "\n".join(p.rstrip("\n") + "\n" for p in parts if p)
 
 
+def _legends(cells) -> str:
+    """The cells' legends, each once, one line each."""
+    return "\n".join(dict.fromkeys(line for cell in cells if (line := cell.legend())))
+
+
 @dataclass
 class RunTable:
     """One row per source: its label cells, then one cell per column."""
@@ -144,10 +196,14 @@ class RunTable:
 
     def render(self, results: Results) -> str:
         body = [[*labels, *(cell(source, results) for cell in self.columns)] for source, labels in self.rows.items()]
-        return _block(self.title, markdown_table(self.header, body), self.note)
+        return _block(self.title, markdown_table(self.header, body), _legends(self.columns), self.note)
 
     def sources(self) -> list[str]:
         return [*self.rows, *(s for cell in self.columns for s in cell.sources())]
+
+    def cells(self) -> list[tuple[str, Any]]:
+        """(source, cell) of every computed cell."""
+        return [(source, cell) for source in self.rows for cell in self.columns]
 
 
 @dataclass
@@ -162,10 +218,13 @@ class GridTable:
 
     def render(self, results: Results) -> str:
         body = [[label, *(self.cell(s, results) for s in sources)] for label, sources in self.rows.items()]
-        return _block(self.title, markdown_table(self.header, body), self.note)
+        return _block(self.title, markdown_table(self.header, body), _legends([self.cell]), self.note)
 
     def sources(self) -> list[str]:
         return [*(s for sources in self.rows.values() for s in sources), *self.cell.sources()]
+
+    def cells(self) -> list[tuple[str, Any]]:
+        return [(source, self.cell) for sources in self.rows.values() for source in sources]
 
 
 @dataclass
@@ -181,6 +240,9 @@ class Line:
 
     def sources(self) -> list[str]:
         return [self.source, *self.cell.sources()]
+
+    def cells(self) -> list[tuple[str, Any]]:
+        return [(self.source, self.cell)]
 
 
 def _one(results: Results, source: str) -> tuple[dict, Path]:
@@ -270,8 +332,48 @@ class BitTraces:
         return list(self.runs.values())
 
 
+@dataclass
+class ClaimsTable:
+    """The experiment's claims (spec.Claim), each measured a − b paired by seed: the difference and its 95%
+    CI, seeds agreeing, the verdict for a, and whether that supports the claim (report.paired.assess)."""
+
+    claims: list[Claim]
+    title: str = "#### The papers' claims, measured"
+    directions: list[str] = field(init=False)
+
+    def __post_init__(self):
+        self.directions = []
+        for i, c in enumerate(self.claims):
+            try:
+                self.directions.append(direction(c.key, c.better))
+            except ConfigError as e:
+                raise ConfigError(f"claims[{i}] ({c.claim!r}): {e}") from None
+
+    def render(self, results: Results) -> str:
+        rows = []
+        for c, way in zip(self.claims, self.directions):
+            m = compare(c.a, seed_values(results, c.a, c.key), c.b, seed_values(results, c.b, c.key), way)
+            status, more = assess(m, c.expect.value, c.margin / c.scale)
+            shown = f"{c.key}" + (f" ×{c.scale:g}" if c.scale != 1 else "") + f", {way} is better"
+            margin = f" (margin {c.margin:g})" if c.expect == Expect.no_worse else ""
+            rows.append([c.claim + margin, c.source, f"{c.a} − {c.b}", shown, m.interval(c.scale, c.digits),
+                         f"{m.agree}/{m.n}", m.verdict_text(), status + (f" ({more})" if more else "")])
+        header = ["claim", "source", "measured", "figure", "difference [95% CI]", "seeds agreeing", "verdict",
+                  "the claim is"]
+        legend = ("Paired by seed; verdict: better / worse when the 95% CI of the difference excludes 0, else "
+                  "not resolved. A claim that a is better (worse) is supported by that verdict and contradicted by "
+                  "the opposite one; a claim that a is no worse than b within a margin is supported when the CI's "
+                  "worse end lies within the margin, contradicted when the whole CI is worse by more than it. "
+                  "(~n seeds): about how many seeds would resolve it if the difference seen held.")
+        return _block(self.title, markdown_table(header, rows), legend)
+
+    def sources(self) -> list[str]:
+        return [s for c in self.claims for s in (c.a, c.b)]
+
+
 def build_blocks(exp) -> list:
-    """The experiment's blocks as objects, each naming only its variants and steps; else a one-line ConfigError.
+    """The experiment's blocks as objects, each naming only its variants and steps, and its claims table last;
+    else a one-line ConfigError.
 
     `fqtrun reproduce` calls it before training, so a bad table stops the run before any time is spent."""
     blocks = []
@@ -289,7 +391,25 @@ def build_blocks(exp) -> list:
         if unknown := [s for s in blocks[-1].sources() if s not in known]:
             raise ConfigError(f"experiment.tables[{i}] of {exp.name} names {unknown[0]!r}, which is no variant or "
                               f"step: use one of {', '.join(known)}")
+        _check_pairs(blocks[-1], source_seeds(exp), f"experiment.tables[{i}] of {exp.name}")
+    if exp.claims:
+        check_claims(exp)
+        try:
+            blocks.append(ClaimsTable(OmegaConf.to_object(exp.claims)))
+        except ConfigError as e:
+            raise ConfigError(f"experiment {exp.name}: {e}") from None
     return blocks
+
+
+def _check_pairs(block, seeds: dict[str, list[int]], where: str) -> None:
+    """A Verdict between sources that share fewer than 2 seeds is a one-line ConfigError before any run."""
+    for source, cell in getattr(block, "cells", list)():
+        if isinstance(cell, Verdict) and (against := cell.against(source)):
+            base = against[0]
+            if len(shared := sorted(set(seeds[source]) & set(seeds[base]))) < 2:
+                have = f"only seed {shared[0]}" if shared else "no seed"
+                raise ConfigError(f"{where}: {source} {seeds[source]} vs {base} {seeds[base]} share {have}, "
+                                  "and a paired 95% interval needs 2 or more: run both on the same seeds")
 
 
 def _labels(block) -> list:
@@ -304,6 +424,8 @@ def _labels(block) -> list:
 def experiment_report(folder: Path) -> str:
     """Render an experiment folder's tables into <folder>/tables.md (and its figures); returns the markdown."""
     results = load_results(Path(folder))
-    text = "\n".join(block.render(results) for block in build_blocks(results.spec.experiment))
+    runs = [r for name in results.spec.experiment.variants for r in results.records[name]]  # the trainings
+    blocks = [block.render(results) for block in build_blocks(results.spec.experiment)]
+    text = "\n".join([machine, *blocks] if (machine := machine_block(runs)) else blocks)
     (results.folder / TABLES_FILE).write_text(text, encoding="utf-8")
     return text

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fqtrun.errors import ConfigError
 from fqtrun.report import html, numerics, plots, tables
-from fqtrun.report.collect import Group, find_runs, group_runs, load_run, varying_keys
+from fqtrun.report.collect import Group, find_runs, group_runs, load_run, override_pairs, varying_keys
 
 
 @dataclass
@@ -37,7 +37,8 @@ class SweepReport:
 def sweep_report(dirs: list[Path], out: Path, draw: bool, ignore: list[str],
                  baseline: str | None = None) -> SweepReport:
     """Find, group, tabulate and plot the runs under `dirs`; write the report into `out`. With a `baseline`
-    folder the table gets each group's gap in the final headline metric to its runs'."""
+    (a folder of runs, or one of the groups by its settings) the table gets each group's gap in the final
+    headline metric to the baseline's and the comparison with it paired by seed (report/paired.py)."""
     out.mkdir(parents=True, exist_ok=True)
     paths, empty = find_runs(dirs)
     if not paths:
@@ -46,10 +47,11 @@ def sweep_report(dirs: list[Path], out: Path, draw: bool, ignore: list[str],
     runs = [load_run(p) for p in paths]
     groups = group_runs(runs, ignore)
     keys, common = varying_keys(groups)
-    table = tables.summarize(groups, _baseline(baseline))
+    table = tables.summarize(groups, _baseline(baseline, groups))
     skipped = [f"{p}: {why}" for p, why in empty]
     skipped += [f"{r.path}: {r.skip_reason}" for r in runs if r.skip_reason]
     notes = [f"{r.path}: {p}" for r in runs if not r.skip_reason for p in r.problems]
+    notes += [f"not paired with the baseline: {row.why}" for row in table.rows if row.why]
     for g in groups:
         seeds = [r.seed for r in g.done]
         for seed in sorted({x for x in seeds if seeds.count(x) > 1}, key=str):
@@ -84,16 +86,29 @@ def sweep_report(dirs: list[Path], out: Path, draw: bool, ignore: list[str],
 HEALTH_TITLE = f"Numerics health at the last probe (worst {numerics.TOP} layer/slot pairs per group first)"
 
 
-def _baseline(folder: str | None) -> list | None:
-    """The finished runs under the baseline folder (None: no baseline named)."""
-    if folder is None:
+def _baseline(name: str | None, groups: list[Group]) -> list | None:
+    """The baseline's finished runs: those under a folder of that name, else the one group whose settings
+    include the overrides it names ('bits=8', 'quant=qat bits=8', '(defaults)'); None: no baseline."""
+    if name is None:
         return None
-    where = Path(folder).expanduser()
-    done = [r for r in map(load_run, find_runs([where])[0]) if r.done] if where.is_dir() else []
-    if not done:
-        raise ConfigError(f"baseline={folder} holds no finished training run (summary.json): pass the folder of "
-                          "the reference run or sweep (e.g. the fp32 model's)")
-    return done
+    where = Path(name).expanduser()
+    if where.is_dir() or ("=" not in name and name != "(defaults)"):  # group settings hold '='
+        done = [r for r in map(load_run, find_runs([where])[0]) if r.done]
+        if not done:
+            raise ConfigError(f"baseline={name} holds no finished training run (summary.json): pass the "
+                              "folder of the reference run or sweep (e.g. the fp32 model's), or a group's settings")
+        return done
+    wanted = override_pairs([] if name == "(defaults)" else name.split(), [])
+    exact = [g for g in groups if g.key == wanted]
+    found = exact or [g for g in groups if set(wanted) <= set(g.key)]
+    labels = "; ".join(g.label for g in groups)
+    if len(found) != 1:
+        how = "no group" if not found else f"{len(found)} groups"
+        raise ConfigError(f"baseline={name} is no folder and matches {how}: name a run folder or one group's "
+                          f"settings, one of: {labels}")
+    if not found[0].done:
+        raise ConfigError(f"baseline={name}: group {found[0].label} has no finished run")
+    return found[0].done
 
 
 def _markdown(title, table, keys, shared, figures, notes, skipped, health) -> str:
@@ -101,7 +116,11 @@ def _markdown(title, table, keys, shared, figures, notes, skipped, health) -> st
     if shared:
         parts += [f"Shared settings: `{shared}`", ""]
     if table.baseline:
-        parts += [f"Gap to the baseline: its mean final test {table.baseline[0]} is {table.baseline[1]:.4f}.", ""]
+        parts += [f"Gap to the baseline: its mean final test {table.baseline[0]} is {table.baseline[1]:.4f}. "
+                  "Paired by seed: the mean of the per-seed differences (group − baseline) [95% CI, Student "
+                  "t over the shared seeds], seeds agreeing in sign / shared seeds, verdict (better / worse, or "
+                  "not resolved when the CI holds 0, with about how many seeds would resolve the difference).",
+                  ""]
     parts += [tables.markdown(table, keys), ""]
     if health:
         parts += [f"## {HEALTH_TITLE}", "", numerics.markdown(health), ""]

@@ -10,11 +10,14 @@ from pathlib import Path
 from rich import box
 from rich.table import Table as RichTable
 
+from fqtrun.errors import ConfigError
 from fqtrun.report.collect import Group, Run, headline
+from fqtrun.report.paired import Comparison, compare, direction
 
 # (summary key, column title, format): the numbers the table reports. The task's come first, from
 # its headline metric (summary.json "headline"; runs written before it are classification, acc).
-EXTRA = {"loss": (("final_test_bpc", "final test bpc", ".4f"), ("final_test_ppl", "final test ppl", ".3f"))}
+EXTRA = {"loss": (("final_test_bpc", "final test bpc", ".4f"), ("final_test_ppl", "final test ppl", ".3f"),
+                 ("final_test_bpb", "final test bpb", ".4f"))}  # bits per byte: compares across tokenizers
 COSTS = (
     ("gbitops", "GBitOPs", ".4g"),
     ("wall_time_s", "wall time (s)", ".1f"),
@@ -40,6 +43,9 @@ class Row:
     failed: list[str]  # one line per failed run: "<folder>: <error>"
     stats: dict[str, Stat | None]
     gap: float | None = None  # mean headline minus the baseline's (None: no baseline, or another metric)
+    paired: Comparison | str | None = None  # against the baseline paired by seed; "baseline" for its own
+    # group; None without a baseline; why not, for a group that cannot pair (Row.why)
+    why: str = ""
 
 
 @dataclass
@@ -78,8 +84,25 @@ def summarize(groups: list[Group], baseline: list[Run] | None = None) -> Table:
         failed = [f"{r.path}: {(r.failed or {}).get('error', 'failed')}" for r in g.failed]
         own = stats.get(f"final_test_{ref[0]}") if ref else None
         gap = own.mean - ref[1] if own is not None and {headline(r.summary) for r in done} == {ref[0]} else None
-        rows.append(Row(g, [r.seed for r in done], failed, stats, gap))
+        row = Row(g, [r.seed for r in done], failed, stats, gap)
+        if ref:
+            row.paired, row.why = _paired(g, baseline, ref[0])
+        rows.append(row)
     return Table(rows, metrics, ref)
+
+
+def _paired(group: Group, baseline: list[Run], name: str) -> tuple[Comparison | str | None, str]:
+    """The group against the baseline runs paired by seed in the final headline metric: (the comparison, or
+    "baseline" for the baseline's own group, or None and why it cannot pair)."""
+    if set(map(id, group.done)) == set(map(id, baseline)):
+        return "baseline", ""
+    key = f"final_test_{name}"
+    mine, base = ({r.seed: r.summary[key] for r in runs if headline(r.summary) == name and r.seed is not None}
+                  for runs in (group.done, baseline))
+    try:
+        return compare(group.label, mine, "the baseline", base, direction(key)), ""
+    except ConfigError as e:
+        return None, str(e)
 
 
 def fmt(s: Stat | None, spec: str) -> str:
@@ -91,7 +114,18 @@ def fmt(s: Stat | None, spec: str) -> str:
 
 
 def gap_title(table: Table) -> list[str]:
-    return [f"gap in final test {table.baseline[0]} to baseline"] if table.baseline else []
+    if not table.baseline:
+        return []
+    name = table.baseline[0]
+    return [f"gap in final test {name} to baseline",
+            f"paired vs baseline ({direction(f'final_test_{name}')} {name} is better)"]
+
+
+def paired_text(row: Row) -> str:
+    """The paired cell: '+2.41 [+0.90, +3.92] 3/3 better', 'baseline', or '–' (Row.why says why)."""
+    if isinstance(row.paired, Comparison):
+        return row.paired.text(digits=4)
+    return row.paired or "–"
 
 
 def columns(table: Table, keys: list[str]) -> list[str]:
@@ -100,7 +134,7 @@ def columns(table: Table, keys: list[str]) -> list[str]:
 
 def cells(table: Table, row: Row, keys: list[str]) -> list[str]:
     own = dict(row.group.key)
-    gap = ([("–" if row.gap is None else f"{row.gap:+.4f}")] if table.baseline else [])
+    gap = [("–" if row.gap is None else f"{row.gap:+.4f}"), paired_text(row)] if table.baseline else []
     return [*(own.get(k, "–") for k in keys), str(len(row.seeds)), str(len(row.failed)),
             *(fmt(row.stats[key], spec) for key, _, spec in table.metrics), *gap]
 
@@ -113,10 +147,11 @@ def markdown(table: Table, keys: list[str]) -> str:
 
 
 def write_csv(path: Path, table: Table, keys: list[str]) -> None:
-    """One row per group; numbers unrounded: <key>_mean, <key>_std, <key>_n per metric (and the gap)."""
+    """One row per group; numbers unrounded: <key>_mean, <key>_std, <key>_n per metric (and the gap, and the
+    paired comparison: its mean, interval, seeds agreeing, seeds, verdict)."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        gap = ["gap_to_baseline"] if table.baseline else []
+        gap = ["gap_to_baseline", *PAIRED_CSV] if table.baseline else []
         w.writerow(["group", *keys, "seeds", "failed",
                     *(f"{key}_{part}" for key, _, _ in table.metrics for part in ("mean", "std", "n")), *gap])
         for r in table.rows:
@@ -129,8 +164,18 @@ def write_csv(path: Path, table: Table, keys: list[str]) -> None:
                 else:
                     nums += [repr(s.mean), "" if math.isnan(s.std) else repr(s.std), s.n]
             if table.baseline:
-                nums.append("" if r.gap is None else repr(r.gap))
+                nums += ["" if r.gap is None else repr(r.gap), *_paired_csv(r.paired)]
             w.writerow([r.group.label, *(own.get(k, "") for k in keys), len(r.seeds), len(r.failed), *nums])
+
+
+PAIRED_CSV = ("paired_mean", "paired_ci_low", "paired_ci_high", "paired_agree", "paired_n", "verdict")
+
+
+def _paired_csv(paired: Comparison | str | None) -> list:
+    if isinstance(paired, Comparison):
+        c = paired
+        return [repr(c.mean), repr(c.low), repr(c.high), c.agree, c.n, c.verdict]
+    return ["", "", "", "", "", paired or ""]
 
 
 def rich_table(table: Table, keys: list[str], caption: str = "") -> RichTable:

@@ -10,7 +10,7 @@ it feeds a residual add) stay float. `run_intbn_study` writes intbn.json and ret
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +25,7 @@ from fqtrun.intbn.blocks import find_blocks
 from fqtrun.intbn.calibrate import calibrate, freeze_activations
 from fqtrun.intbn.convert import ACC_RANGES, check_convertible, convert_model, use_op
 from fqtrun.intbn.derive import check_output_bits
+from fqtrun.numerics_mode import NumericsModeConfig, portable_scope
 
 DEVICE = torch.device("cpu")  # the integer ops run in int64 / float64 on the CPU
 
@@ -41,6 +42,7 @@ class IntbnConfig:
     calib_samples: int = 1024  # training samples whose min-max range freezes each activation scale
     batch_size: int = 500  # calibration and evaluation batch size
     threads: int = 0  # torch CPU threads (0 = torch's default)
+    numerics: NumericsModeConfig = field(default_factory=NumericsModeConfig)
 
 
 
@@ -65,6 +67,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(msg)
 
 
+@portable_scope
 def run_intbn_study(cfg: DictConfig, out_dir: Path) -> dict:
     """Convert, verify and evaluate the run at cfg.checkpoint; writes intbn.json into out_dir, returns it."""
     validate(cfg)

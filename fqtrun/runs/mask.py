@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from fqtrun.build import load_train_run, pick_device, quantize_model
 from fqtrun.errors import ConfigError
 from fqtrun.files import write_json
+from fqtrun.numerics_mode import portable_scope
 from fqtrun.quant.convert import quant_layers
 from fqtrun.quant.layers import NoiseContext
 from fqtrun.sparsity.checkpoint import save_sparse_checkpoint
@@ -50,6 +51,7 @@ def study_settings(cfg: DictConfig) -> tuple[MaskPolicy, bool]:
     return policy, enabled
 
 
+@portable_scope
 def run_mask_study(cfg: DictConfig, out_dir: Path) -> dict:
     """Mask report (and conversion) of a trained run (a composed `mask` config); writes mask.json, mask.md
     and sparse/ into out_dir and returns the summary."""

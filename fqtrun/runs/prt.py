@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from fqtrun.build import DEFAULT_HOOKS, assemble, pick_device
 from fqtrun.errors import ConfigError
+from fqtrun.numerics_mode import portable_scope
 from fqtrun.precision.prt import PRTResult, precision_range_test
 from fqtrun.quant.convert import set_bits
 from fqtrun.training.hooks import Hook, HookSpec
@@ -43,6 +44,7 @@ def _trainer(cfg: DictConfig, device, record: BatchAccuracy) -> Trainer:
                    lambda record: None, progress, run.lr_at)
 
 
+@portable_scope
 def run_precision_range_test(cfg: DictConfig) -> PRTResult:
     """Train through the precisions until the stop rule fires; NaN steps at very low bits are skipped."""
     if cfg.get("quant") is None:

@@ -6,6 +6,8 @@ finished with the same overrides is reused and one with other overrides is refus
 runs.train.finished_summary. With jobs > 1 the trainings run in `jobs` spawned processes; every run
 starts from one torch thread (its `threads` setting may change that), so no figure depends on jobs.
 The steps (`fqtrun variance`, `mask`, `intbn` on trained runs) are short and run again every time.
+numerics.portable=true (the default) adds numerics.portable=true to every run's overrides and sets it in every
+step: the process was pinned by the CLI (fqtrun/numerics_mode.py) and job processes inherit its environment.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fqtrun.errors import ConfigError
 from fqtrun.experiment.layout import run_dir, save_spec, step_dir
 from fqtrun.experiment.spec import check_experiment, step_seeds, steps, variant_seeds
 from fqtrun.experiment.spec import register_configs as register_reproduce_schema
+from fqtrun.numerics_mode import portable_scope
 from fqtrun.report.experiment import build_blocks, experiment_report
 from fqtrun.runs.intbn import register_intbn_schema, run_intbn_study
 from fqtrun.runs.mask import run_mask_study
@@ -74,7 +77,8 @@ def train_one(task: RunTask) -> tuple[dict, bool]:
 
 def grid_tasks(cfg: DictConfig, out: Path) -> list[RunTask]:
     exp = cfg.experiment
-    return [RunTask(name, seed, (*exp.common, *variant.overrides, *cfg.overrides, f"seed={seed}"),
+    portable = ["numerics.portable=true"] if cfg.numerics.portable else []  # native runs keep their overrides
+    return [RunTask(name, seed, (*exp.common, *variant.overrides, *cfg.overrides, *portable, f"seed={seed}"),
                     str(run_dir(out, name, seed)))
             for name, variant in exp.variants.items() for seed in variant_seeds(exp, name)]
 
@@ -128,10 +132,25 @@ def run_steps(cfg: DictConfig, out: Path, log: Callable[[str], None]) -> None:
             run = run_dir(out, step.run, seed)
             step_cfg, _ = compose_config(kind, step.overrides)
             step_cfg.checkpoint = str(run / "last.pt")
+            step_cfg.numerics.portable = cfg.numerics.portable
             log(f"{kind} {name} on {step.run} seed {seed}")
             STEP_RUNNERS[kind](step_cfg, step_dir(out, kind, name, seed), run)
 
 
+def check_composes(cfg: DictConfig, tasks: list[RunTask]) -> None:
+    """Compose every run and step of the experiment before anything runs: a bad or unread setting in any
+    variant is a one-line ConfigError naming the variant, not a failure after hours of training."""
+    exp = cfg.experiment
+    where = [(f"variant {t.variant}", "train", t.overrides) for t in tasks if t.seed == variant_seeds(exp, t.variant)[0]]
+    where += [(f"step {name}", kind, step.overrides) for kind, name, step in steps(exp)]
+    for what, command, overrides in where:
+        try:
+            compose_config(command, overrides)
+        except Exception as e:  # noqa: BLE001 (Hydra's override and schema errors too: one line, the variant named)
+            raise ConfigError(f"experiment {exp.name}, {what}: {' '.join(str(e).split())[:300]}") from None
+
+
+@portable_scope
 def run_reproduction(cfg: DictConfig, log: Callable[[str], None] = print) -> dict:
     """Train the grid, run the steps, write reproduce.yaml and tables.md into cfg.out; returns what it did."""
     exp = cfg.experiment
@@ -140,9 +159,10 @@ def run_reproduction(cfg: DictConfig, log: Callable[[str], None] = print) -> dic
     if cfg.jobs < 1:
         raise ConfigError(f"jobs={cfg.jobs} must be >= 1 (trainings at a time)")
     out = Path(cfg.out).expanduser()
+    tasks = grid_tasks(cfg, out)
+    check_composes(cfg, tasks)
     out.mkdir(parents=True, exist_ok=True)
     save_spec(out, cfg)
-    tasks = grid_tasks(cfg, out)
     reused = train_grid(tasks, cfg.jobs, log)
     run_steps(cfg, out, log)
     return {"out": str(out), "runs": len(tasks), "reused": reused, "tables": experiment_report(out)}

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from fqtrun.build import load_train_run, pick_device, run_length
 from fqtrun.errors import ConfigError
+from fqtrun.numerics_mode import portable_scope
 from fqtrun.precision.hooks import FORWARD_SLOTS, build_plan
 from fqtrun.quant.convert import set_bits
 
@@ -25,12 +26,17 @@ def _language_model(cfg: DictConfig, model: torch.nn.Module, name: str) -> None:
 def load_sampler(checkpoint: str):
     """(the run's model in eval mode at its evaluation bits, its tokenizer) from a run folder or last.pt."""
     run = load_train_run(checkpoint, "fqtrun sample", require=_language_model)
+    if run.bundle.tokenizer is None:  # token files that came without one (dataset=tokens)
+        raise ConfigError(f"fqtrun sample needs the run's tokenizer to read the prompt and write text, and its "
+                          f"data ({run.bundle.facts().get('corpus')}) has none: add the tokenizer.json or a "
+                          "meta.json/meta.pkl with its characters to that folder")
     plan = build_plan(run.cfg.schedule, run_length(run.cfg, run.bundle.train)[0])
     if plan.changes_bits and plan.eval_bits is not None:
         set_bits(run.model, FORWARD_SLOTS, plan.eval_bits)
     return run.model, run.bundle.tokenizer
 
 
+@portable_scope
 def run_sample(cfg: DictConfig) -> tuple[str, str]:
     """(prompt, generated continuation) of cfg.tokens tokens from the run at cfg.checkpoint."""
     checks = [(cfg.tokens >= 1, f"tokens={cfg.tokens} must be >= 1"),

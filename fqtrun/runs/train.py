@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from fqtrun.build import DEFAULT_HOOKS, assemble, check_checkpoint, model_name, pick_device
 from fqtrun.config import validate_train
 from fqtrun.errors import CheckpointError, FqtrunError
-from fqtrun.files import write_json
+from fqtrun.files import atomic_open, write_json
+from fqtrun.numerics_mode import machine_info, portable_scope
 from fqtrun.precision.trace_plot import plot_bit_trace
 from fqtrun.quant.backends import backend_report
 from fqtrun.quant.recipe import recipe_label
@@ -48,12 +49,16 @@ def finished_summary(out_dir: Path, overrides: Sequence[str]) -> dict | None:
         return None
     theirs = sorted(o for o in summary.get("overrides", []) if not o.startswith(BOOKKEEPING))
     ours = sorted(o for o in overrides if not o.startswith(BOOKKEEPING))
+    if set(ours) - set(theirs) == {"numerics.portable=true"} and set(theirs) <= set(ours):
+        raise FqtrunError(f"{out_dir} holds a finished run with native numerics: pass numerics.portable=false "
+                          "to reuse it, or pick a new output folder to train it portable")
     if theirs != ours:
         raise FqtrunError(f"{out_dir} holds a finished run with other overrides ({' '.join(theirs) or 'none'}): "
                           "re-run with the same overrides, or pick a new output folder")
     return summary
 
 
+@portable_scope
 def run_training(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (),
                  choices: Mapping[str, str] | None = None,
                  hook_specs: Sequence[HookSpec] = DEFAULT_HOOKS) -> dict:
@@ -90,17 +95,21 @@ def _train(cfg: DictConfig, out_dir: Path, dist: SingleProcess, overrides: list[
     device = dist.device or pick_device(cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    run = assemble(cfg, device, dist.noise_seed(cfg.seed), dist.is_main, hook_specs)
-    model, name = run.model, model_name(cfg, choices)
-
     ckpt = None
-    if cfg.resume:
+    if cfg.resume:  # read first: the data reuses the checkpoint's tokenizer
         path = out_dir / "last.pt"
         if not path.is_file():
             raise CheckpointError(f"resume=true but {path} does not exist: pass hydra.run.dir=<the run folder "
                                   "to continue> (it holds last.pt)")
         ckpt = load_checkpoint(path)
-        check_checkpoint(ckpt, model, run.bundle, name, path)
+    run = assemble(cfg, device, dist.noise_seed(cfg.seed), dist.is_main, hook_specs, resuming=ckpt)
+    model, name = run.model, model_name(cfg, choices)
+    if ckpt is not None:
+        check_checkpoint(ckpt, model, run.bundle, name, out_dir / "last.pt")
+    tokenizer = run.bundle.tokenizer_json()  # a trained tokenizer stays with the run and its checkpoints
+    if tokenizer is not None and dist.is_main:
+        with atomic_open(out_dir / "tokenizer.json", "w", encoding="utf-8") as f:
+            f.write(tokenizer)
 
     jsonl = JsonlLogger(out_dir / "metrics.jsonl") if dist.is_main else NullLogger()  # DDP: rank 0 logs
     jsonl.truncate(0 if ckpt is None else ckpt.get("metrics_offset", 0))
@@ -120,7 +129,8 @@ def _train(cfg: DictConfig, out_dir: Path, dist: SingleProcess, overrides: list[
         model, run.optimizer, run.task, run.bundle.train, run.bundle.test, _loop_settings(cfg), out_dir, device,
         run.hooks, log, ProgressView(cfg.logger.progress if dist.is_main else "none", console), run.lr_at,
         extra_state=lambda: {"metrics_offset": jsonl.offset(), "model_name": name,
-                             "wandb_id": wandb.id if wandb else None, "data": run.bundle.signature()},
+                             "wandb_id": wandb.id if wandb else None, "data": run.bundle.signature(),
+                             **({"tokenizer": tokenizer} if tokenizer is not None else {})},
         dist=dist,
     )
     if ckpt is not None:
@@ -157,6 +167,7 @@ def _train(cfg: DictConfig, out_dir: Path, dist: SingleProcess, overrides: list[
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": str(device),
         "world_size": dist.world_size,
+        "machine": machine_info(cfg.numerics.portable),
         "bits_used": {},
     }
     for h in run.hooks:

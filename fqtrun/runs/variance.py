@@ -5,10 +5,12 @@ nearest rounding); only the gradient quantizers change. A variance.quantizers en
 - an integer gradient quantizer (per_tensor, per_sample, householder; ptq, psq, bhq): dY of the
   input-gradient GEMM (dX) at each of variance.bits, dY of the weight-gradient GEMM (dW) with
   variance.dw_quantizer at variance.dw_bits (null = the studied bits; 8 = the paper's protocol);
-- or a quant recipe (conf/quant/<name>.yaml, e.g. mxfp4_sr, mxfp4_rht_sr, nvfp4), optionally with
-  settings of its own, `name:key=value:key=value` (e.g. "nvfp4:grad_transform_dw=none"): its dx and
-  dw slots as the recipe sets them (format, rounding, transform), measured once, in the column of
-  the dx slot's bits.
+- or a quant recipe (conf/quant/<name>.yaml, e.g. per_sample, mxfp4_sr, nvfp4), optionally with
+  settings of its own, `name:key=value:key=value` (any quant.<key>, and `bits` for all its bits_*;
+  e.g. "per_sample:grad_grid=zero_aligned", "nvfp4:grad_transform_dw=none"): its dx and dw slots as
+  the recipe sets them (grid, format, rounding, transform), at each of variance.bits like the plain
+  quantizers (dW by variance.dw_quantizer at variance.dw_bits), or once, in the column of the dx
+  slot's bits, where the entry sets `bits`/`bits_dx` or the format fixes them (mxfp4: 4).
 `run_study` writes variance.json, variance.csv, variance.png and variance_layers.png and returns the data.
 """
 
@@ -22,7 +24,6 @@ from typing import Any, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
-from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig
 from rich import box
 from rich.table import Table
@@ -48,8 +49,10 @@ from fqtrun.build import (
     quantize_model,
 )
 from fqtrun.config import compose_conf
+from fqtrun.data.base import build_bundle
 from fqtrun.errors import ConfigError, NumericsError
 from fqtrun.files import write_json
+from fqtrun.numerics_mode import NumericsModeConfig, portable_scope
 from fqtrun.quant.bits import check_bits
 from fqtrun.quant.gradient import make_gradient_quantizer
 from fqtrun.quant.layers import NoiseContext
@@ -81,6 +84,7 @@ class VarianceCommandConfig:
     seed: int = 0  # model init (fresh), held batches, noise
     device: str = "auto"
     threads: int = 0
+    numerics: NumericsModeConfig = field(default_factory=NumericsModeConfig)
 
 
 def register_variance_schema(cs: ConfigStore | None = None) -> None:
@@ -88,31 +92,44 @@ def register_variance_schema(cs: ConfigStore | None = None) -> None:
     (cs or ConfigStore.instance()).store(name="variance_schema", node=VarianceCommandConfig)
 
 
-def recipe_setup(entry: str) -> tuple[SlotMaker, int]:
-    """(the dx/dw slots of a quant recipe entry "name[:key=value...]", the dx slot's bits); ConfigError."""
+def recipe_setups(entry: str, v) -> dict[int, SlotMaker]:
+    """dx bits -> the dx/dw slots of a quant recipe entry "name[:key=value...]" (ConfigError otherwise).
+
+    The entry is measured at each of variance.bits (`bits=b`, which feeds every bits_* slot of an integer
+    recipe, with dW at variance.dw_bits by variance.dw_quantizer as the plain quantizers), unless it sets
+    its own bits (`bits` or `bits_dx`), or its dx slot's bits are its format's (mxfp4, nvfp4, ...): then
+    once, in the column of those bits.
+    """
     name, *settings = entry.split(":")
     if not (Path(conf.__file__).parent / "quant" / f"{name}.yaml").is_file():
         raise ConfigError(f"variance.quantizers holds unknown quantizer {name!r}: use {', '.join(DX_QUANTIZERS)} "
                           "or a quant recipe (conf/quant: mxfp4_sr, mxfp4_rht_sr, nvfp4, ...)")
     if any("=" not in kv for kv in settings):
         raise ConfigError(f"variance.quantizers entry {entry!r}: write a recipe's own settings as "
-                          "name:key=value:key=value (e.g. \"nvfp4:grad_transform_dw=none\")")
-    overrides = [f"+quant={name}", *(f"quant.{kv}" for kv in settings)]
-    try:
-        node = compose_conf("train", overrides).quant
-    except Exception as e:  # noqa: BLE001 (Hydra's override and schema errors: one line, the entry named)
-        raise ConfigError(f"variance.quantizers entry {entry!r}: {' '.join(str(e).split())[:200]}") from None
-    recipe = build_recipe(node)
-    make = slot_factory(recipe)
+                          "name:key=value:key=value (e.g. \"per_sample:grad_grid=zero_aligned\")")
+    own = dict(kv.split("=", 1) for kv in settings)
+    base = [f"+quant={name}", *(f"bits={value}" if key == "bits" else f"++quant.{key}={value}" for key, value in
+                                own.items())]
+    protocol = [f"quant.{key}={value}" for key, value in (("bits_dw", v.dw_bits), ("grad_dw", v.dw_quantizer))
+                if value is not None and key not in own and "bits" not in own]
+    studied = [[]] if "bits" in own or "bits_dx" in own else [[f"bits={b}", *protocol] for b in v.bits]
     probe = torch.nn.Linear(1, 1)
-    if make("dx", probe) is None and make("dw", probe) is None:
-        raise ConfigError(f"variance.quantizers entry {entry!r}: the recipe quantizes no gradient (its dx and dw "
-                          "slots are full precision): nothing to measure")
-    dx = make("dx", probe) or make("dw", probe)
-    return make, dx.bits
+    out: dict[int, SlotMaker] = {}
+    for extra in studied:
+        try:
+            recipe = build_recipe(compose_conf("train", [*base, *extra]).quant)
+        except Exception as e:  # noqa: BLE001 (Hydra's override and schema errors: one line, the entry named)
+            raise ConfigError(f"variance.quantizers entry {entry!r}: {' '.join(str(e).split())[:200]}") from None
+        make = slot_factory(recipe)
+        dx = make("dx", probe) or make("dw", probe)
+        if dx is None:
+            raise ConfigError(f"variance.quantizers entry {entry!r}: the recipe quantizes no gradient (its dx and "
+                              "dw slots are full precision): nothing to measure")
+        out.setdefault(dx.bits, make)
+    return out
 
 
-def validate(v) -> tuple[list[str], dict[str, tuple[SlotMaker, int]]]:
+def validate(v) -> tuple[list[str], dict[str, dict[int, SlotMaker]]]:
     """Checks the study settings; (the entries' labels, aliases resolved; the recipe entries' setups)."""
     if not v.quantizers:
         raise ConfigError("variance.quantizers is empty: pass e.g. variance.quantizers=[per_tensor,per_sample]")
@@ -121,7 +138,7 @@ def validate(v) -> tuple[list[str], dict[str, tuple[SlotMaker, int]]]:
     names = [canonical_quantizer(q) if q in DX_QUANTIZERS else q for q in v.quantizers]
     if len(set(names)) != len(names):
         raise ConfigError(f"variance.quantizers={list(v.quantizers)} names a quantizer twice (aliases count)")
-    recipes = {q: recipe_setup(q) for q in names if q not in DX_QUANTIZERS}
+    recipes = {q: recipe_setups(q, v) for q in names if q not in DX_QUANTIZERS}
     names = [q for q in names if q not in recipes]
     if v.dw_quantizer not in DW_QUANTIZERS:
         raise ConfigError(f"variance.dw_quantizer={v.dw_quantizer!r} is unknown: use one of {', '.join(DW_QUANTIZERS)}")
@@ -162,6 +179,7 @@ def study_model(cfg: DictConfig, bundle, noise: NoiseContext, name: str) -> torc
     return model
 
 
+@portable_scope
 def run_study(cfg: DictConfig, out_dir: Path, model_name: str) -> tuple[dict, Table]:
     """Measure; write variance.json / .csv / .png / _layers.png into out_dir; (the data, its table)."""
     v = cfg.variance
@@ -170,14 +188,15 @@ def run_study(cfg: DictConfig, out_dir: Path, model_name: str) -> tuple[dict, Ta
         torch.set_num_threads(cfg.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
-    bundle = instantiate(cfg.dataset)
+    # a checkpoint's own tokenizer (a BPE), never another trained here
+    bundle = build_bundle(cfg.dataset, load_checkpoint(checkpoint_path(cfg.checkpoint)) if cfg.checkpoint else None)
     noise = NoiseContext(seed=cfg.seed)
     model = study_model(cfg, bundle, noise, model_name).to(device)
     batches = held_batches(bundle.train, v.batch_size, v.batches, cfg.seed)
-    bits = sorted({int(b) for b in v.bits} | {b for _, b in recipes.values()})
+    bits = sorted({int(b) for b in v.bits} | {b for per_bits in recipes.values() for b in per_bits})
     setups = {(q, b): fqt_slots(q, b, v.dw_quantizer, v.dw_bits) for q in names if q not in recipes
               for b in bits if b in v.bits}
-    setups.update({(q, b): make for q, (make, b) in recipes.items()})
+    setups.update({(q, b): make for q, per_bits in recipes.items() for b, make in per_bits.items()})
     try:
         res = measure_variance(model, batches, setups, k=v.k, loss_fn=build_task(cfg, bundle).loss, seed=cfg.seed)
     except NonFiniteError as err:

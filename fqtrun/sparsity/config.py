@@ -14,6 +14,8 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from fqtrun.numerics_mode import NumericsModeConfig
+
 
 @dataclass
 class NMSparsity:
@@ -70,6 +72,7 @@ class MaskStudyConfig:
     seed: int = 0  # order of the calibration batches
     device: str = "auto"
     threads: int = 0  # torch CPU threads (0 = torch's default)
+    numerics: NumericsModeConfig = field(default_factory=NumericsModeConfig)
 
 
 def register_configs(cs: ConfigStore) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from fqtrun.analysis.variance import fqt_slots, measure_variance
 from fqtrun.commands.variance import variance as run_variance
+from fqtrun.errors import ConfigError
 from fqtrun.quant.backends import Simulate
 from fqtrun.quant.convert import convert, quant_layers
 from fqtrun.quant.formats import FORMATS
@@ -78,3 +79,23 @@ def test_a_format_column_of_its_own_bits(tmp_path):
     assert set(data["quantization"]["per_sample"]) == {"2", "4"} and set(data["quantization"]["mxfp8"]) == {"8"}
     rows = (tmp_path / "variance.csv").read_text().splitlines()
     assert sum(r.startswith("quantization,mxfp8,8,") for r in rows) == 5
+
+
+def test_a_recipe_entry_is_measured_at_each_studied_bits(tmp_path):
+    """"per_sample:grad_grid=..." is measured at every variance.bits like the plain quantizer (PSQ's two grids
+    side by side); with the default grid it is the plain per_sample measurement exactly; `:bits=` pins one
+    column; dW follows the study's protocol (variance.dw_bits) unless the entry sets it."""
+    quantizers = ('variance.quantizers=[per_sample,"per_sample:grad_grid=minmax","per_sample:grad_grid=zero_aligned",'
+                  '"per_sample:bits=6"]')
+    data = run_variance(compose_variance(*SMALL[:-2], quantizers, "variance.bits=[3,4]", "variance.dw_bits=8",
+                                         "model.channels=4"), tmp_path)
+    q = data["quantization"]
+    assert set(q["per_sample:grad_grid=zero_aligned"]) == {"3", "4"} and set(q["per_sample:bits=6"]) == {"6"}
+    assert q["per_sample:grad_grid=minmax"] == q["per_sample"]  # the same slots, noise and protocol
+    assert q["per_sample:grad_grid=zero_aligned"]["4"]["total"] != q["per_sample"]["4"]["total"]
+
+
+def test_a_recipe_entry_setting_that_does_not_exist_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"entry 'per_sample:grid=zero_aligned'.*quant.grid is not a setting.*did you mean quant.grad_grid"):
+        run_variance(compose_variance(*SMALL[:-2], 'variance.quantizers=["per_sample:grid=zero_aligned"]',
+                                      "model.channels=4"), tmp_path)

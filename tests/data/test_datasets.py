@@ -69,7 +69,7 @@ def test_misspelt_or_mistyped_setting_fails_at_composition(override):
 
 
 def test_root_is_required():
-    for name in ("cifar10", "cifar100", "imagenet"):
+    for name in ("cifar10", "cifar100", "imagenet", "tokens"):
         with pytest.raises(MissingMandatoryValue, match="dataset.root"):
             build(name)
 

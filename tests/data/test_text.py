@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -61,8 +62,8 @@ def test_a_folder_gives_its_txt_files_in_path_order_joined_by_newlines(tmp_path,
     assert from_folder.train.tokens.tolist() == expect[:cut]
     got = val_tokens(from_folder)
     assert got == expect[cut:cut + len(got)] and len(got) > 8
-    for a, b in ((from_folder.train.tokens, from_file.train.tokens), (from_folder.test.tensors[0], from_file.test.tensors[0])):
-        assert torch.equal(a, b)
+    assert np.array_equal(from_folder.train.tokens, from_file.train.tokens)
+    assert torch.equal(from_folder.test.tensors[0], from_file.test.tensors[0])
     assert from_folder.corpus == str(folder) and from_file.num_classes == from_file.tokenizer.size
 
 
@@ -116,7 +117,7 @@ def test_validation_characters_outside_the_training_vocabulary_are_dropped_and_c
                                                                  "than one window of block_size + 1 = 65",
                                                                  "smaller model.block_size"]),
     ("latin1.txt", {"root": "{tmp}/latin1.txt"}, ["latin1.txt is not UTF-8", "use dataset.tokenizer=byte"]),
-    (None, {"tokenizer": "word"}, ["dataset.tokenizer='word' is unknown"]),
+    (None, {"tokenizer": "word"}, ["dataset.tokenizer=word is unknown", "bpe or the path of a tokenizer.json"]),
     (None, {"block_size": None}, ["dataset=text needs a window length: use model=gpt"]),
 ])
 def test_bad_corpora_give_one_line_errors(tmp_path, setup, kwargs, needles):

@@ -63,7 +63,7 @@ def test_every_model_has_a_yaml():
     assert sorted(p.stem for p in (CONF / "model").glob("*.yaml")) == sorted(MODELS)
 
 
-@pytest.mark.parametrize("name", [m for m in MODELS if m != "gpt"])  # the language model: test_gpt.py
+@pytest.mark.parametrize("name", [m for m in MODELS if m not in ("gpt", "llama")])  # LMs: test_gpt/test_llama.py
 def test_every_model_forward_backward(name):
     shape = INPUTS.get(name, (3, 8, 8))  # CIFAR ResNets run at any size; 8x8 keeps this fast
     torch.manual_seed(0)

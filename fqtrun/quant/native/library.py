@@ -2,8 +2,10 @@
 
 The library is compiled on first use with the machine's C compiler (about two seconds), cached under
 ~/.cache/fqtrun/native keyed by the source, flags, compiler and CPU (it is built for the CPU's own
-vector units), and loaded with ctypes. Without a compiler (or with FQTRUN_NATIVE=0) `load()` is
-None, with a warning once, and every wrapper returns None so that its caller runs the torch form.
+vector units), and loaded with ctypes. In a portable process (FQTRUN_PORTABLE=1, fqtrun/numerics_mode.py)
+it is built for x86-64-v3 instead, the same instructions on every AVX2 or AVX-512 CPU, under its own key.
+Without a compiler (or with FQTRUN_NATIVE=0) `load()` is None, with a warning once, and every wrapper
+returns None so that its caller runs the torch form.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 Tensor = torch.Tensor
 SOURCE = Path(__file__).with_name("kernels.c")
+PORTABLE_ENV = "FQTRUN_PORTABLE"  # "1": the portable build (set with numerics_mode.ENV, before torch loads)
 
 _p, _i32, _i64, _f32, _u32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_uint32
 
@@ -63,21 +66,45 @@ def _cpu_flags() -> list[str]:
     return next((line.split(":", 1)[-1].split() for line in cpu.splitlines() if line.startswith("flags")), [])
 
 
+# x86-64-v3 (AVX2, FMA, BMI, F16C, ...) as /proc/cpuinfo names its features
+_V3_FLAGS = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave", "sse4_1", "sse4_2",
+             "ssse3", "popcnt", "cx16", "lahf_lm"}
+
+
+def portable() -> bool:
+    """Whether this process builds the portable flag set (FQTRUN_PORTABLE=1, set by numerics_mode)."""
+    return os.environ.get(PORTABLE_ENV) == "1"
+
+
+def target() -> str:
+    """The instruction set the kernels are built for: native (this CPU), x86-64-v3 / x86-64 (portable), or
+    the compiler's default elsewhere."""
+    if platform.machine() != "x86_64":
+        return "default"
+    if not portable():
+        return "native"
+    return "x86-64-v3" if _V3_FLAGS <= set(_cpu_flags()) else "x86-64"
+
+
 def flags() -> list[str]:
-    """Built for this CPU (its vector units, hardware FMA where it has it, else libm's fmaf); no
-    contraction of a * b + c beyond the explicit fmaf, so the roundings are the torch forms'."""
+    """Built for this CPU (its vector units, hardware FMA where it has it, else libm's fmaf), or in a portable
+    process for target(); no contraction of a * b + c beyond the explicit fmaf, so the roundings are the
+    torch forms' and every target rounds alike (fmaf is exact in hardware and in libm)."""
     out = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-shared", "-fPIC"]
-    if platform.machine() == "x86_64":
+    arch = target()
+    if arch == "native":
         out.append("-march=native")
         if "fma" in _cpu_flags():
             out.append("-mfma")
+    elif arch != "default":
+        out += [f"-march={arch}", "-mtune=generic"]
     return out
 
 
 def has_fma() -> bool:
     """Whether the build uses hardware FMA, as torch's CPU kernels do: then the kernels equal the torch
     forms bit for bit (elsewhere to float rounding)."""
-    return "-mfma" in flags()
+    return "-mfma" in flags() or "-march=x86-64-v3" in flags()
 
 
 def _cache_dir() -> Path:
@@ -92,14 +119,15 @@ SHARED = [Path(__file__).with_name("noise.h")]  # headers the kernels #include (
 
 
 def build(name: str, source: str) -> ctypes.CDLL | None:
-    """C `source` compiled for this machine and loaded, cached by source, headers, flags, compiler and CPU;
+    """C `source` compiled for target() and loaded, cached by source, headers, flags, compiler and CPU;
     None with a warning when there is no compiler or the build fails (FQTRUN_NATIVE=0 turns it off)."""
     cc = _compiler()
     if cc is None or os.environ.get("FQTRUN_NATIVE", "1") == "0":
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        parts = [source, *(h.read_text() for h in SHARED), *flags(), version, platform.machine(), *_cpu_flags()]
+        cpu = _cpu_flags() if target() == "native" else []  # a portable build is not this CPU's own
+        parts = [source, *(h.read_text() for h in SHARED), *flags(), version, platform.machine(), *cpu]
         key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
         path = _cache_dir() / f"{name}-{key}.so"
         if not path.is_file():
