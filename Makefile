@@ -69,7 +69,7 @@ reproduce-lm-formats: install  ## number-format recipes on the GPT, 3 seeds, and
 	$(BIN)/fqtrun reproduce lm_formats jobs=2
 
 reproduce-numerics: install  ## numerics health of a 4-bit PSQ run: table and plot (results/numerics/report)
-	$(BIN)/fqtrun train +quant=per_sample bits=4 numerics.every=40 epochs=30 threads=1 hydra.run.dir=results/numerics
+	$(BIN)/fqtrun train +quant=per_sample bits=4 numerics.every=40 epochs=30 threads=1 numerics.portable=true hydra.run.dir=results/numerics
 	$(BIN)/fqtrun report results/numerics out=results/numerics/report
 
 docs-tables: install  ## splice each results/<name>/tables.md between its markers in docs/*.md (and copy its figures)

@@ -5,7 +5,8 @@ capability the CPU offers (torch's kernels for an AVX2 or an AVX-512 machine) an
 AVX2 / AVX512, each in its own `fqtrun train` process. Oracle: the weights (last.pt) and metrics of every
 portable process are equal bit for bit, and equal to the digest committed in tests/golden (made on an AMD
 EPYC with AVX-512), on whatever machine runs this; the same processes in native mode differ, so the
-comparison can fail.
+comparison can fail. What one CPU cannot pretend (MKL's branch on another vendor, NNPACK's blocking for
+another L1 size) only the golden digest, checked on other machines, catches.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def test_portable_runs_are_equal_to_the_last_bit_whatever_the_kernels(runs):
         assert (r["weights"], r["metrics"]) == (first["weights"], first["metrics"]), label
         m = r["machine"]
         assert m["portable"] and m["aten_capability"] == "DEFAULT" and m["threads"] == 1, label
-        assert m["mkl_branch"] in ("COMPATIBLE", None) and m["kernels"] in ("x86-64-v3", "x86-64", "default")
+        assert m["mkl_branch"] in ("COMPATIBLE", None) and m["kernels"] != "native", label
 
 
 def test_a_reproduce_job_process_runs_portable_too(runs):

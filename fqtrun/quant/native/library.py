@@ -76,9 +76,9 @@ def portable() -> bool:
     return os.environ.get(PORTABLE_ENV) == "1"
 
 
-def target() -> str:
-    """The instruction set the kernels are built for: native (this CPU), x86-64-v3 / x86-64 (portable), or
-    the compiler's default elsewhere."""
+def _arch() -> str:
+    """The instruction set to build for: native (this CPU), x86-64-v3 / x86-64 (portable), or the
+    compiler's default off x86-64."""
     if platform.machine() != "x86_64":
         return "default"
     if not portable():
@@ -86,12 +86,20 @@ def target() -> str:
     return "x86-64-v3" if _V3_FLAGS <= set(_cpu_flags()) else "x86-64"
 
 
+def target() -> str:
+    """What runs the kernels (a run's machine info): the instruction set they are built for (_arch), or
+    "none" where they are not built (no compiler, FQTRUN_NATIVE=0: the torch forms run)."""
+    if _compiler() is None or os.environ.get("FQTRUN_NATIVE", "1") == "0":
+        return "none"
+    return _arch()
+
+
 def flags() -> list[str]:
     """Built for this CPU (its vector units, hardware FMA where it has it, else libm's fmaf), or in a portable
-    process for target(); no contraction of a * b + c beyond the explicit fmaf, so the roundings are the
+    process for _arch(); no contraction of a * b + c beyond the explicit fmaf, so the roundings are the
     torch forms' and every target rounds alike (fmaf is exact in hardware and in libm)."""
     out = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-shared", "-fPIC"]
-    arch = target()
+    arch = _arch()
     if arch == "native":
         out.append("-march=native")
         if "fma" in _cpu_flags():
@@ -119,14 +127,14 @@ SHARED = [Path(__file__).with_name("noise.h")]  # headers the kernels #include (
 
 
 def build(name: str, source: str) -> ctypes.CDLL | None:
-    """C `source` compiled for target() and loaded, cached by source, headers, flags, compiler and CPU;
+    """C `source` compiled for _arch() and loaded, cached by source, headers, flags, compiler and CPU;
     None with a warning when there is no compiler or the build fails (FQTRUN_NATIVE=0 turns it off)."""
     cc = _compiler()
     if cc is None or os.environ.get("FQTRUN_NATIVE", "1") == "0":
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        cpu = _cpu_flags() if target() == "native" else []  # a portable build is not this CPU's own
+        cpu = _cpu_flags() if _arch() == "native" else []  # a portable build is not this CPU's own
         parts = [source, *(h.read_text() for h in SHARED), *flags(), version, platform.machine(), *cpu]
         key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
         path = _cache_dir() / f"{name}-{key}.so"
