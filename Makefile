@@ -68,9 +68,10 @@ reproduce-lm-techniques: install  ## every technique on the GPT (QAT, FQT, CPT, 
 reproduce-lm-formats: install  ## number-format recipes on the GPT, 3 seeds, and the 4-bit variance study
 	$(BIN)/fqtrun reproduce lm_formats jobs=2
 
-reproduce-numerics: install  ## numerics health of a 4-bit PSQ run: table and plot (results/numerics/report)
+reproduce-numerics: install  ## numerics health of a 4-bit PSQ run, portable: table and plot (results/numerics/tables.md)
 	$(BIN)/fqtrun train +quant=per_sample bits=4 numerics.every=40 epochs=30 threads=1 numerics.portable=true hydra.run.dir=results/numerics
 	$(BIN)/fqtrun report results/numerics out=results/numerics/report
+	sed -e '1d' -e 's|](\([a-z_]*\.png\))|](report/\1)|' results/numerics/report/report.md > results/numerics/tables.md
 
 docs-tables: install  ## splice each results/<name>/tables.md between its markers in docs/*.md (and copy its figures)
 	$(BIN)/python -m fqtrun.report.publish results docs

@@ -121,7 +121,10 @@ class TrainerConfig:
 
     max_steps: Optional[int] = None  # stop after this many optimizer steps (null: epochs x steps per epoch)
     eval_every: int = 0  # steps between evaluations (and checkpoints); 0: at the end of every epoch
-    distributed: bool = False  # DDP: launch with torchrun, global batch = batch_size split over the ranks
+    # processes: none | ddp | fsdp (ddp, fsdp: launch with torchrun; global batch = batch_size split over the
+    # ranks; fsdp also shards parameters and optimizer state over them: training/fsdp.py)
+    strategy: str = "none"
+    distributed: bool = False  # the older spelling of strategy=ddp (true with strategy=none means ddp)
 
 
 @dataclass

@@ -20,7 +20,8 @@ from torch.utils.data import TensorDataset
 from fqtrun.data.loader import make_loader
 from fqtrun.errors import ConfigError
 from fqtrun.runs.train import run_training
-from fqtrun.training.distributed import ShardedLoader, setup
+from fqtrun.training.distributed import ShardedLoader
+from fqtrun.training.processes import setup
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 # batch 333 on 4000 samples: per-rank slices of 167/166 and a last batch of 4 (2/2), so the
@@ -73,12 +74,12 @@ def test_sharded_loader_splits_each_global_batch_disjointly():
 
 def test_setup_refuses_half_configured_runs(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="add trainer.distributed=true"):
-        setup(False, "cpu")
+    with pytest.raises(ConfigError, match="add trainer.strategy=ddp"):
+        setup("none", "cpu")
     for k in ("RANK", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     with pytest.raises(ConfigError, match="torchrun"):
-        setup(True, "cpu")
+        setup("ddp", "cpu")
 
 
 def test_torchrun_two_ranks_match_one_process(tmp_path, compose_train, data_cache):

@@ -1,6 +1,6 @@
 """Numerics health during training: every `numerics.every` steps, what each quantized layer's slots did
 to their tensors (fqtrun/quant/health.py): fraction saturated, fraction flushed to zero, SQNR, non-finite
-count and bits.
+count and bits, and the operands' outlier measures (max/RMS, kurtosis; before and after RHT where it runs).
 
 On a probe step the hook sets every quantized layer's RunRecord.probe before the forward; the backend
 measures each slot it quantizes (w and a in the forward, dx and dw in the backward) from the tensor and
@@ -14,7 +14,7 @@ from __future__ import annotations
 from fqtrun.errors import ConfigError
 from fqtrun.quant.backends import SLOTS
 from fqtrun.quant.convert import quant_layers
-from fqtrun.quant.health import STATS, severity, stats
+from fqtrun.quant.health import severity, stats
 from fqtrun.training.hooks import PeriodicProbe, RunFacts
 
 
@@ -38,11 +38,13 @@ class NumericsProbe(PeriodicProbe):
     def measure(self, step: int) -> dict:
         rows = self.read()
         self.last = {"step": step, "rows": rows}
-        metrics = {metric_key(r["layer"], r["slot"], k): r[k] for r in rows for k in STATS}
+        metrics = {metric_key(r["layer"], r["slot"], k): v for r in rows for k, v in r.items()
+                   if k not in ("layer", "slot")}
         return {"numerics/step": step, **metrics}
 
     def read(self) -> list[dict]:
-        """The probe's rows (layer, slot, STATS) in model and slot order; switches the records' probes off."""
+        """The probe's rows (layer, slot, STATS and the OUTLIERS taken) in model and slot order; switches the
+        records' probes off."""
         rows = []
         for name, layer in self.layers:
             record = layer.record

@@ -9,7 +9,13 @@ For an input x and its quantized (dequantized) value x_hat:
     nonfinite  number of NaN / inf elements of x (the quantizer then raises NonFiniteError and
                x_hat does not exist: the other statistics are nan)
     bits       the bits the slot ran at
-`measure` returns raw sums as one small tensor; `stats` turns them into the numbers above.
+and the outlier measures of the operand (quant/outliers.py; each left out where it is undefined or not
+taken): crest (max|x| / RMS), kurtosis (Pearson's, Gaussian 3), crest_block (the mean max / RMS of the
+format's scale blocks; format slots with blocks or rows). Where a transform runs before the quantizer
+(RHT on a gradient slot), x is the transformed operand (so sat, flush and SQNR are of what the quantizer
+met), the outlier measures are of the operand before it, and crest_rht, kurtosis_rht, crest_block_rht
+of x: whether the transform had anything to fix.
+`measure` returns raw sums and figures as one small tensor; `stats` turns them into the numbers above.
 `named_slot` is how a backend quantizes a slot: a quantizer's NonFiniteError comes out naming the
 layer and the slot.
 """
@@ -23,20 +29,36 @@ from contextlib import contextmanager
 import torch
 
 from fqtrun.quant.numerics import NonFiniteError
+from fqtrun.quant.outliers import NAMES, measures, scale_blocks
 
 Tensor = torch.Tensor
 SLOT_WHAT = {"w": "weights", "a": "input", "dx": "output gradient", "dw": "output gradient"}
 
-STATS = ("bits", "sat", "flush", "sqnr_db", "nonfinite")
+STATS = ("bits", "sat", "flush", "sqnr_db", "nonfinite")  # every measured slot has these
+OUTLIERS = (*NAMES, *(f"{n}_rht" for n in NAMES))  # where taken and defined
 _SUMS = ("elements", "nonzero", "flushed", "saturated", "nonfinite", "signal", "noise")
 
 
-def measure(x: Tensor, x_hat: Tensor | None, q=None) -> Tensor:
-    """(7,) float64 sums over x: elements, nonzero finite, flushed, saturated, non-finite, signal, noise.
+def measure(x: Tensor, x_hat: Tensor | None, q=None, source: Tensor | None = None) -> Tensor:
+    """(13,) float64: sums over x (elements, nonzero finite, flushed, saturated, non-finite, signal,
+    noise), then the OUTLIERS figures (nan where not taken).
 
     x_hat None: only the counts of x (its quantizer refused it); q: the slot's quantizer, asked for
-    `saturated(x)` when it has one.
+    `saturated(x)` when it has one; source: the operand before the transform when x = source R.
     """
+    out = _sums(x, x_hat, q)
+    with torch.no_grad():
+        figures = torch.full((len(OUTLIERS),), math.nan, dtype=torch.float64, device=x.device)
+        if x_hat is not None:
+            before = x if source is None else source
+            figures[:len(NAMES)] = measures(before, scale_blocks(q, tuple(before.shape)))
+            if source is not None:
+                figures[len(NAMES):] = measures(x, scale_blocks(q, tuple(x.shape)))
+        return torch.cat([out, figures])
+
+
+def _sums(x: Tensor, x_hat: Tensor | None, q) -> Tensor:
+    """The (7,) sums of `measure`."""
     with torch.no_grad():
         x = x.detach().float()
         n = x.numel()
@@ -73,15 +95,17 @@ def named_slot(layer, record, slot: str, x: Tensor) -> Iterator[None]:
 
 
 def stats(sums: Tensor, bits: int | None) -> dict[str, float]:
-    """The health numbers (STATS) of one slot from `measure`'s sums."""
-    n, nonzero, flushed, saturated, nonfinite, signal, noise = sums.tolist()
+    """The health numbers of one slot from `measure`'s sums: STATS, then the OUTLIERS it took."""
+    values = sums.tolist()
+    n, nonzero, flushed, saturated, nonfinite, signal, noise = values[:len(_SUMS)]
+    figures = {k: v for k, v in zip(OUTLIERS, values[len(_SUMS):]) if not math.isnan(v)}
     if math.isnan(noise) or (noise == 0 and signal == 0):
         sqnr = math.nan  # refused (non-finite input), or nothing to measure (all zero)
     else:
         sqnr = math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
     flush = flushed / nonzero if nonzero else 0.0 * flushed  # nan stays nan
     return {"bits": bits, "sat": saturated / n if n else math.nan, "flush": flush, "sqnr_db": sqnr,
-            "nonfinite": int(nonfinite)}
+            "nonfinite": int(nonfinite), **figures}
 
 
 def severity(row: dict) -> tuple:

@@ -179,13 +179,15 @@ def _study_sampling(data: dict) -> list[float]:
 
 
 HEALTH_PANELS = (("sqnr_db", "SQNR (dB)", 1.0), ("flush", "flushed to zero (%)", 100.0),
-                 ("sat", "saturated (%)", 100.0), ("nonfinite", "non-finite values", 1.0))
+                 ("sat", "saturated (%)", 100.0), ("nonfinite", "non-finite values", 1.0),
+                 ("crest", "max/RMS", 1.0), ("kurtosis", "kurtosis (log)", 1.0))
+LOG_PANELS = ("kurtosis",)  # Gaussian 3, heavy tails in the hundreds
 
 
 def numerics_health(runs: list[tuple[str, Run]], path: Path) -> Result:
     """The numerics-health probes over steps, one line per (layer, slot) of each group's first run (a colour
     per layer, a line style per slot): SQNR and the flushed fraction always, saturation and non-finite
-    counts when any probe saw some."""
+    counts when any probe saw some, the operands' max/RMS and kurtosis (before any RHT) when logged."""
     lines = [(label, key, per_stat) for label, run in runs for key, per_stat in numerics.series(run).items()]
     if not lines:
         return None, "numerics health: no numerics/* records (train with numerics.every=N)"
@@ -205,6 +207,8 @@ def numerics_health(runs: list[tuple[str, Run]], path: Path) -> Result:
                     color=colours[(label, layer)], marker="." if len(pts) <= 30 else None,
                     label=f"{label}: {layer}/{slot}" if prefix else f"{layer}/{slot}")
         ax.set(ylabel=title, xlabel="step" if i == len(panels) else None)
+        if name in LOG_PANELS:
+            ax.set_yscale("log")
     fig.axes[0].set_title("numerics health per layer/slot (first seed of each group)")
     fig.axes[0].legend(fontsize=6, ncol=2 if len(lines) > 8 else 1, loc="center left",
                        bbox_to_anchor=(1.01, 0.5))

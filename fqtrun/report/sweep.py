@@ -12,6 +12,7 @@ from pathlib import Path
 from fqtrun.errors import ConfigError
 from fqtrun.report import html, numerics, plots, tables
 from fqtrun.report.collect import Group, find_runs, group_runs, load_run, override_pairs, varying_keys
+from fqtrun.report.machines import machine_block
 
 
 @dataclass
@@ -74,7 +75,8 @@ def sweep_report(dirs: list[Path], out: Path, draw: bool, ignore: list[str],
 
     shared = " ".join(f"{k}={v}" for k, v in common.items())
     title = "fqtrun report: " + ", ".join(map(str, dirs))
-    (out / "report.md").write_text(_markdown(title, table, keys, shared, figures, notes, skipped, health),
+    machines = machine_block([r.summary for r in runs if r.summary is not None])
+    (out / "report.md").write_text(_markdown(title, table, keys, shared, figures, notes, skipped, health, machines),
                                    encoding="utf-8")
     tables.write_csv(out / "report.csv", table, keys)
     sections = [(HEALTH_TITLE, numerics.html_table(health))] if health else []
@@ -111,8 +113,8 @@ def _baseline(name: str | None, groups: list[Group]) -> list | None:
     return found[0].done
 
 
-def _markdown(title, table, keys, shared, figures, notes, skipped, health) -> str:
-    parts = [f"# {title}", "", "Mean ± sample standard deviation over seeds.", ""]
+def _markdown(title, table, keys, shared, figures, notes, skipped, health, machines="") -> str:
+    parts = [f"# {title}", "", *([machines, ""] if machines else []), "Mean ± sample standard deviation over seeds.", ""]
     if shared:
         parts += [f"Shared settings: `{shared}`", ""]
     if table.baseline:

@@ -25,9 +25,10 @@ from fqtrun.quant.backends import backend_report
 from fqtrun.quant.recipe import recipe_label
 from fqtrun.training.checkpoint import load_checkpoint
 from fqtrun.training.distributed import NullLogger, SingleProcess
-from fqtrun.training.distributed import setup as setup_processes
 from fqtrun.training.hooks import HookSpec
 from fqtrun.training.loggers import JsonlLogger, ProgressView, WandbLogger, make_console
+from fqtrun.training.processes import setup as setup_processes
+from fqtrun.training.processes import strategy_of
 from fqtrun.training.trainer import Interrupted, LoopSettings, Trainer
 
 BOOKKEEPING = ("skip_done=", "resume=")  # overrides that do not change what a run computes
@@ -65,14 +66,14 @@ def run_training(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (),
     """Train as configured, writing everything into out_dir; returns the summary.
 
     skip_done=true returns the summary of a finished run in out_dir (a re-run sweep skips done
-    jobs); trainer.distributed=true runs as one DDP rank under torchrun (training/distributed.py).
+    jobs); trainer.strategy=ddp|fsdp runs as one rank under torchrun (training/distributed.py, fsdp.py).
     Interrupted (SIGTERM, Ctrl-C) propagates after last.pt is saved.
     """
     validate_train(cfg, overrides)
     if cfg.skip_done and (done := finished_summary(out_dir, overrides)) is not None:
         print(f"skip: {out_dir} already holds summary.json (skip_done=true)")
         return done
-    dist = setup_processes(cfg.trainer.distributed, cfg.device)
+    dist = setup_processes(strategy_of(cfg), cfg.device)
     try:
         return _train(cfg, dist.shared_dir(out_dir), dist, list(overrides), dict(choices or {}), hook_specs)
     finally:

@@ -89,7 +89,7 @@ class MaskPolicy:
         """Recompute every mask from the current dense weights."""
         for name in self.names:
             mod = model.get_submodule(name)
-            mask = self.mask_for(mod.weight.detach())
+            mask = self.mask_for(_full(mod.weight.detach()))
             if "weight_mask" in mod._buffers:
                 mod.weight_mask = mask
             else:  # a plain attribute: make it a buffer so checkpoints and .to() carry it
@@ -114,7 +114,7 @@ class MaskPolicy:
             w, mask = mod.weight, mod.weight_mask
             if w.grad is None or mask is None:
                 continue
-            w.grad.add_(torch.where(mask, 0.0, w.detach()), alpha=self.srste_decay)
+            w.grad.add_(torch.where(_like(mask, w), 0.0, w.detach()), alpha=self.srste_decay)
 
     def densities(self, model: nn.Module) -> dict[str, float]:
         """Fraction of weights kept, per masked layer (1.0 where the mask is None)."""
@@ -131,3 +131,19 @@ def _capable(mod: nn.Module) -> bool:
         and hasattr(mod, "weight_mask")
         and mod.weight.dim() >= 2
     )
+
+
+# A sharded run (trainer.strategy=fsdp) holds each weight as a DTensor shard between steps; masks stay
+# full-size buffers (the forward sees the full weight). DTensors are recognised by their methods: no import.
+def _full(weight: torch.Tensor) -> torch.Tensor:
+    """The whole weight: a shard gathered from every rank (all ranks call this together), else itself."""
+    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+
+
+def _like(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The mask laid out as `weight` is: this rank's part of it for a shard, else the mask itself."""
+    if not hasattr(weight, "full_tensor"):
+        return mask
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(mask, weight.device_mesh, weight.placements, src_data_rank=None)

@@ -1,9 +1,12 @@
 """Multi-process data-parallel training (DDP) under torchrun, and its one-process stand-in.
 
-    torchrun --nproc_per_node=2 -m fqtrun train trainer.distributed=true hydra.run.dir=runs/ddp ...
+    torchrun --nproc_per_node=2 -m fqtrun train trainer.strategy=ddp hydra.run.dir=runs/ddp ...
 
-The trainer talks to a `SingleProcess` or a `Distributed` through the same small interface
-(loader, wrap, batch_loss, any, is_main), so the loop has no distributed branches.
+trainer.strategy picks the process layout (training/processes.py): none (one process), ddp (this
+module; the older spelling trainer.distributed=true still means ddp) or fsdp (training/fsdp.py: DDP's
+data layout with sharded parameters). The trainer talks to a `SingleProcess`, a `Distributed` or a
+`Sharded` through the same small interface (loader, prepare, batch_loss, save, load, any, is_main),
+so the loop has no distributed branches.
 
 What a distributed run does:
 - Data: every step takes the same global batch a single process would (the seeded per-epoch
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,10 +37,15 @@ import torch.distributed as dist
 from torch import nn
 
 from fqtrun.data.loader import Loader, make_loader
-from fqtrun.errors import ConfigError
+from fqtrun.errors import CheckpointError, ConfigError
 from fqtrun.quant.grid import mix_seed
+from fqtrun.training.checkpoint import model_signature, save_checkpoint
 
-LAUNCH = "torchrun --nproc_per_node=<N> -m fqtrun train trainer.distributed=true hydra.run.dir=<folder> ..."
+
+def launch(strategy: str) -> str:
+    """The torchrun command line of a multi-process strategy (for error messages)."""
+    return (f"torchrun --nproc_per_node=<N> -m fqtrun train trainer.strategy={strategy} "
+            "hydra.run.dir=<folder> ...")
 
 
 class ShardedLoader(Loader):
@@ -60,13 +69,34 @@ class SingleProcess:
     """One process: plain loader, unwrapped model, batch-mean loss."""
 
     rank, world_size, is_main = 0, 1, True
+    strategy = "none"
     device: torch.device | None = None  # None: the device setting decides (pick_device)
 
     def loader(self, dataset, batch_size: int, seed: int, skip_batches: int = 0) -> Loader:
         return make_loader(dataset, batch_size, shuffle=True, seed=seed, skip_batches=skip_batches)
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        return model
+    def prepare(self, model: nn.Module,
+                optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """(the module the loop calls forward on, the optimizer over the parameters the ranks hold)."""
+        return model, optimizer
+
+    def save(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             run_state: Callable[[], dict]) -> Path | None:
+        """Write a checkpoint of model, optimizer and `run_state()` (step, hooks, RNG, ...) to `path`;
+        the path on the rank that wrote it, None on the others (rank 0 alone writes)."""
+        if not self.is_main:
+            return None
+        return save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                      "signature": model_signature(model), **run_state()})
+
+    def load(self, ckpt: dict, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Model and optimizer state from a checkpoint (read from `path`) this strategy wrote."""
+        if ckpt.get("sharded"):
+            raise CheckpointError(f"checkpoint {path} was written by a trainer.strategy=fsdp run (its "
+                                  f"optimizer state is sharded in {ckpt['sharded']}): resume it with "
+                                  f"{launch('fsdp')}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
 
     def batch_loss(self, task, output: torch.Tensor, y: torch.Tensor,
                    global_n: int) -> tuple[torch.Tensor, float, dict, int]:
@@ -91,11 +121,13 @@ class SingleProcess:
 class Distributed(SingleProcess):
     """One of world_size processes started by torchrun; see the module docstring."""
 
+    strategy = "ddp"
+
     def __init__(self, device_setting: str):
         missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k not in os.environ]
         if missing:
-            raise ConfigError(f"trainer.distributed=true but {missing[0]} is not set: start the ranks with "
-                              f"torchrun ({LAUNCH})")
+            raise ConfigError(f"trainer.strategy={self.strategy} but {missing[0]} is not set: start the "
+                              f"ranks with torchrun ({launch(self.strategy)})")
         self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ["LOCAL_RANK"])
         self.is_main = self.rank == 0
@@ -113,10 +145,10 @@ class Distributed(SingleProcess):
     def loader(self, dataset, batch_size: int, seed: int, skip_batches: int = 0) -> Loader:
         return ShardedLoader(dataset, batch_size, True, seed, self.rank, self.world_size, skip_batches)
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """DDP around the model (rank 0's weights are broadcast to all ranks here)."""
+    def prepare(self, model, optimizer):
+        """DDP around the model (rank 0's weights are broadcast to all ranks here); the same optimizer."""
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids), optimizer
 
     def batch_loss(self, task, output, y, global_n):
         summed = task.loss(output, y, reduction="sum")
@@ -153,16 +185,6 @@ def _remove_stray(folder: Path) -> None:
     """A rank's own Hydra folder (when its clock gave another name): delete it if Hydra alone wrote it."""
     if all(p.name == ".hydra" or p.suffix == ".log" for p in folder.iterdir()):
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def setup(distributed: bool, device_setting: str) -> SingleProcess:
-    """The process layout of this run; refuses torchrun without trainer.distributed=true."""
-    if distributed:
-        return Distributed(device_setting)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(f"started by torchrun with WORLD_SIZE={os.environ['WORLD_SIZE']} but "
-                          "trainer.distributed=false: add trainer.distributed=true")
-    return SingleProcess()
 
 
 class NullLogger:

@@ -22,7 +22,6 @@ from fqtrun.data.loader import make_loader
 from fqtrun.errors import CheckpointError, TrainingError
 from fqtrun.quant.grid import mix_seed
 from fqtrun.quant.numerics import NonFiniteError
-from fqtrun.training.checkpoint import model_signature, save_checkpoint
 from fqtrun.training.distributed import SingleProcess
 from fqtrun.training.hooks import Hook
 
@@ -88,25 +87,23 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._signal: int | None = None
         self._stop = False
-        # DDP (training/distributed.py): sharded loader, wrapped model, global loss; rank 0 saves
+        # DDP, FSDP (training/distributed.py, fsdp.py): sharded loader, wrapped or sharded model (FSDP: and
+        # an optimizer over the shards), global loss; rank 0 logs
         self.dist = dist or SingleProcess()
-        self.train_model = self.dist.wrap(model)
+        self.train_model, self.optimizer = self.dist.prepare(model, optimizer)
 
     # ----- state ---------------------------------------------------------------------------
-    def checkpoint_state(self) -> dict:
+    def run_state(self) -> dict:
+        """What a checkpoint holds besides the model and optimizer (self.dist.save writes those)."""
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "train_state": asdict(self.state),
             "hooks": [h.state_dict() for h in self.hooks],
             "torch_rng": torch.get_rng_state(),
-            "signature": model_signature(self.model),
             **self.extra_state(),
         }
 
     def load_state(self, ckpt: dict) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.dist.load(ckpt, self.out_dir / "last.pt", self.model, self.optimizer)
         try:
             self.state = TrainState(**ckpt["train_state"])
         except TypeError:
@@ -117,10 +114,12 @@ class Trainer:
         torch.set_rng_state(ckpt["torch_rng"])
 
     def save(self, name: str = "last.pt") -> Path:
-        if not self.dist.is_main or not self.s.save:  # DDP: only rank 0 writes checkpoints
+        if not self.s.save:
             return self.out_dir / name
-        self.last_checkpoint = save_checkpoint(self.out_dir / name, self.checkpoint_state())
-        return self.last_checkpoint
+        written = self.dist.save(self.out_dir / name, self.model, self.optimizer, self.run_state)
+        if written is not None:  # DDP, FSDP: rank 0 writes the file (FSDP: every rank its shards)
+            self.last_checkpoint = written
+        return self.out_dir / name
 
     # ----- the loop ------------------------------------------------------------------------
     def fit(self) -> TrainState:

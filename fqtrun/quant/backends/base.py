@@ -35,10 +35,11 @@ class RunRecord:
     probe: bool = False  # the numerics-health hook's probe step: the backend measures every slot
     health: dict[str, Tensor] = field(default_factory=dict)  # slot -> quant.health.measure sums
 
-    def measure(self, slot: str, q, x: Tensor, x_hat: Callable[[], Tensor]) -> None:
-        """On a probe step, the health sums of `slot`'s quantization of x (x_hat() gives the quantized x)."""
+    def measure(self, slot: str, q, x: Tensor, x_hat: Callable[[], Tensor], source: Tensor | None = None) -> None:
+        """On a probe step, the health sums of `slot`'s quantization of x (x_hat() gives the quantized x;
+        source: the operand before a transform, x = source R)."""
         if self.probe:
-            self.health[slot] = health.measure(x, x_hat(), q)
+            self.health[slot] = health.measure(x, x_hat(), q, source)
 
     def use(self, slot: str, q):
         """Note that `slot` runs with quantizer q (None: full precision) at its current bits; returns q."""

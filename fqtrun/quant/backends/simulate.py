@@ -25,6 +25,9 @@ the forward's values are reused. An integer slot keeps its forward values in bot
 operands of its GEMM along the reduction, with one key, so it cancels in the product. Conv layers
 reduce over the batch in the dW GEMM's blocks and transform (positions shift under the kernel's
 taps, the batch does not), over channels in the other two.
+On a numerics probe step (RunRecord.probe) each slot's operand is measured in its own GEMM (w and a in
+the forward, dY in the dX / dW GEMM); a gradient slot with a transform is measured on dY R, what its
+quantizer meets, with dY's outlier figures beside it (quant/health.py).
 """
 
 from __future__ import annotations
@@ -191,8 +194,11 @@ def _forward_operand(layer, record: RunRecord, slot: str, t: Tensor) -> Tensor:
     if q is None:
         return t
     if isinstance(q, FormatQuantizer):
-        return q.fake(t, 1, _slot_seed(layer, slot, "fwd"))
-    return q.codes(t).dequantize()  # an integer grid (MinMaxQuantizer): one grid, both GEMMs
+        t_hat = q.fake(t, 1, _slot_seed(layer, slot, "fwd"))
+    else:
+        t_hat = q.codes(t).dequantize()  # an integer grid (MinMaxQuantizer): one grid, both GEMMs
+    record.measure(slot, q, t, lambda: t_hat)
+    return t_hat
 
 
 def _backward_operand(layer, slot: str, fp: Tensor, fwd: Tensor, dim: int, gemm: str, transform,
@@ -210,11 +216,18 @@ def _grad_operand(layer, record: RunRecord, slot: str, g: Tensor, dim: int, conv
     if q is None:
         return g, None, None
     if not isinstance(q, FormatQuantizer):  # an integer gradient quantizer, on its own matrix view
-        seed = layer.grad_seed(slot)
-        return (conv_grad_view(g, slot, lambda m: q(m, seed)) if conv else q(g, seed)), None, None
+        def quantize(m: Tensor) -> Tensor:
+            return quantize_grad(layer, record, slot, m)
+
+        return (conv_grad_view(g, slot, quantize) if conv else quantize(g)), None, None
     t = q.transform
     key = None if t is None else layer.transform_key(GEMM_IDS[slot], t.fresh)
-    return q.fake(g, dim, layer.grad_seed(slot), t, key), t, key
+    g_hat = q.fake(g, dim, layer.grad_seed(slot), t, key)
+    if t is None:
+        record.measure(slot, q, g, lambda: g_hat)
+    elif record.probe:  # the quantizer's input is g R: measured on probe steps only
+        record.measure(slot, q, t.forward(g, dim, key), lambda: g_hat, source=g)
+    return g_hat, t, key
 
 
 class PerGemm(torch.autograd.Function):
