@@ -38,10 +38,10 @@ bench: install  ## benchmarks: quantizers, FQT steps vs fp32/bf16/torchao, numer
 	$(PIP_INSTALL) -e '.[bench]'
 	$(BIN)/fqtrun bench hydra.run.dir=outputs/bench
 
-# The README tables: `fqtrun reproduce <name>` runs conf/experiment/<name>.yaml into results/<name>
+# The docs tables (make docs-tables splices them in): `fqtrun reproduce <name>` runs conf/experiment/<name>.yaml into results/<name>
 # (tables.md; finished runs are reused when re-run; `fqtrun report results/<name>` renders the tables again).
 # jobs=2 trains two runs at a time; the figures do not depend on it, the wall-time columns do.
-compare-qat: install  ## fp32 vs QAT 8/6/4-bit, MNIST-1D CNN and MLP, 3 seeds (one run at a time: wall times)
+compare-qat: install  ## fp32 vs QAT 8/6/4-bit, MNIST-1D CNN and MLP, 5 seeds, portable (one run at a time: wall times)
 	$(BIN)/fqtrun reproduce qat
 
 reproduce-fqt: install  ## FQT: QAT vs PTQ/PSQ/BHQ at 4-8 bits, paper and strict protocols, variance plot

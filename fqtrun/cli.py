@@ -26,7 +26,7 @@ COMMANDS = {
     "sample": ("fqtrun.commands.sample", "text from a trained language model (model=gpt dataset=text)"),
     "prepare": ("fqtrun.commands.prepare", "token files (nanoGPT's train.bin / val.bin) from text, for dataset=tokens"),
     "report": ("fqtrun.commands.report", "tables and plots over run and sweep folders (and experiment folders)"),
-    "reproduce": ("fqtrun.commands.reproduce", "one README experiment end to end: its runs, steps and tables"),
+    "reproduce": ("fqtrun.commands.reproduce", "one documented experiment end to end: its runs, steps and tables"),
     "bench": ("fqtrun.commands.bench", "speed ratios: quantizers vs clone, FQT step vs fp32 / bf16"),
 }
 

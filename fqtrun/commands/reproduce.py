@@ -1,4 +1,4 @@
-"""fqtrun reproduce <name>: one README experiment (conf/experiment/<name>.yaml) end to end.
+"""fqtrun reproduce <name>: one documented experiment (conf/experiment/<name>.yaml) end to end.
 
     fqtrun reproduce fqt jobs=2                    (the name is positional; or experiment=fqt)
     fqtrun reproduce qat out=results/qat_smoke 'overrides=["epochs=1"]'   (quoted: Hydra's list syntax)

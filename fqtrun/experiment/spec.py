@@ -1,4 +1,4 @@
-"""The schema of a README experiment (conf/experiment/<name>.yaml) and of `fqtrun reproduce`'s config.
+"""The schema of a documented experiment (conf/experiment/<name>.yaml) and of `fqtrun reproduce`'s config.
 
 An experiment is a grid of `fqtrun train` runs (variants x seeds, each variant a list of overrides
 after the experiment's common ones), follow-up steps on trained runs (`fqtrun variance`, `fqtrun
