@@ -134,32 +134,34 @@ def check_composes(command: str, overrides: list[str]) -> str | None:
     if any(f not in ("-m", "--multirun") for f in flags) or not (CONF / f"{command}.yaml").is_file():
         return None
     plain = [a for a in overrides if not a.startswith("-") and not re.match(r"[+~]{0,2}hydra[./]", a)]
-    for combination in sweep_combinations(plain) if flags else [plain]:
+    combinations = sweep_combinations(plain) if flags else [plain]
+    for combination in combinations or []:  # None: a sweep form only Hydra's sweeper expands (glob, interval)
         problem = composition_problem(command, combination)
         if problem:
             return problem
     return None
 
 
-def sweep_combinations(overrides: list[str]) -> list[list[str]]:
+def sweep_combinations(overrides: list[str]) -> list[list[str]] | None:
     """The override lists of a sweep that differ in a config-group option, in Hydra's order (the first
-    value of every other swept setting); [overrides] where the sweep syntax is not a plain choice."""
+    value of every other swept setting); None where the sweep syntax is not a plain choice or range
+    (glob, interval: a sweeper plugin expands those), or does not parse (Hydra says why when it starts)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception:  # noqa: BLE001 (Hydra reports its own syntax errors when it starts)
-        return [overrides]
-    options = []
-    for override in parsed:
-        key = override.get_key_element()
-        if not override.is_sweep_override():
-            options.append([f"{key}={override.get_value_element_as_str()}"])
-        elif not override.is_discrete_sweep():
-            return [overrides]
-        else:
-            values = [f"{key}={v}" for v in override.sweep_string_iterator()]
-            options.append(values if (CONF / override.key_or_group).is_dir() else values[:1])
+        options = []
+        for override in parsed:
+            key = override.get_key_element()
+            if not override.is_sweep_override():
+                options.append([f"{key}={override.get_value_element_as_str()}"])
+            elif not override.is_discrete_sweep():
+                return None
+            else:
+                values = [f"{key}={v}" for v in override.sweep_string_iterator()]
+                options.append(values if (CONF / override.key_or_group).is_dir() else values[:1])
+    except Exception:  # noqa: BLE001 (glob needs Hydra's config loader; syntax errors are Hydra's to report)
+        return None
     return [list(c) for c in itertools.product(*options)]
 
 

@@ -97,6 +97,14 @@ def test_a_sweep_is_checked_for_every_group_option(capsys):
     assert cli.check_composes("train", ["-m", "+quant=qat,per_sample", "bits=4,5", "quant.grad_grid=minmax"]) is None
 
 
+def test_sweep_forms_only_a_sweeper_expands_are_left_to_hydra():
+    """glob and interval sweeps are not composable values: the pre-check leaves them to Hydra's sweeper."""
+    assert cli.sweep_combinations(["+quant=glob(per_*)", "seed=range(0,3)"]) is None
+    assert cli.check_composes("train", ["-m", "+quant=glob(per_*)", "seed=range(0,3)"]) is None
+    assert cli.check_composes("train", ["-m", "optim.lr=interval(0.001,0.01)"]) is None
+    assert len(cli.sweep_combinations(["seed=range(0,3)", "bits=4,8", "+quant=qat,per_sample"])) == 2
+
+
 def test_known_settings_and_hydra_keys_still_compose():
     for args in (["+quant=per_sample", "bits=4", "trainer.max_steps=3"], ["hydra.run.dir=/tmp/x", "seed=3"],
                  ["+quant=qat", "quant.bits_w=4", "+sparsity=nm", "sparsity.n=2"]):
