@@ -370,6 +370,9 @@ class BlockHouseholder(_SRGradientQuantizer):
         """Whether T^-1 of values within the rows' ranges [ylo, yhi] could leave float32 (a bound on (N,)
         vectors, no pass over the gradient): |(T^-1 y)_i| <= (sqrt(n) + 3) max_group |y| / s_i."""
         top = torch.maximum(ylo.abs(), yhi.abs()).view(-1).double()
+        largest = (float(transform.sizes.max()) ** 0.5 + 3.0) * float(top.max())
+        if largest / float(transform.row_scale.min()) < 2.0**127:
+            return False  # the whole-tensor bound already holds (the usual case, no group pass)
         group_top = torch.zeros_like(top).scatter_reduce_(0, transform.group, top, reduce="amax")
         n = transform.sizes.double()[transform.group]
         bound = (n.sqrt() + 3.0) * group_top[transform.group] / transform.row_scale.view(-1).double()

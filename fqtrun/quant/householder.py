@@ -81,7 +81,10 @@ class BlockHouseholderTransform:
         and its group sums (at most (sqrt(n) + 2) times its largest scaled entry) below float32's limit by
         `spare_bits`; k_g = 0 where they already are. row_max: (N,) largest |x| of each row. T^-1 scales
         back by the same power, so quantizing on min-max row grids gives the codes of exact arithmetic."""
-        need = (self.row_scale.view(-1).double() * row_max.double()) * (self.sizes.double().sqrt() + 3.0)[self.group]
+        scaled = self.row_scale.view(-1).double() * row_max.double()
+        if float(scaled.max()) * (float(self.sizes.max()) ** 0.5 + 3.0) < 2.0 ** (127 - spare_bits):
+            return self  # the whole-tensor bound already holds: every k_g is 0 (the usual case, no group pass)
+        need = scaled * (self.sizes.double().sqrt() + 3.0)[self.group]
         top = torch.zeros_like(need).scatter_reduce_(0, self.group, need, reduce="amax")
         k = (torch.frexp(top).exponent - (127 - spare_bits)).clamp(min=0)
         scale = torch.ldexp(self.row_scale.view(-1).double(), -k[self.group].double()).float()
