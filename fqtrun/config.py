@@ -125,6 +125,9 @@ class TrainerConfig:
     # ranks; fsdp also shards parameters and optimizer state over them: training/fsdp.py)
     strategy: str = "none"
     distributed: bool = False  # the older spelling of strategy=ddp (true with strategy=none means ddp)
+    # torch.compile the model's forward and backward with the quantizers inside (their custom ops,
+    # quant/ops.py); the first steps compile (a minute on 2 cores), numerics-probe steps run eager
+    compile: bool = False
 
 
 @dataclass

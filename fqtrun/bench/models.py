@@ -63,6 +63,15 @@ def fqt_model(model: nn.Module, s: BenchSettings, backend: str) -> nn.Module:
     return m
 
 
+def format_model(model: nn.Module, s: BenchSettings) -> nn.Module:
+    """A copy of `model` with every layer in bench.step_format (RHT16 and SR on the gradient slots)."""
+    m = copy.deepcopy(model)
+    recipe = build_recipe(OmegaConf.structured(QuantConfig(
+        name=s.step_format, format=s.step_format, grad_transform="rht", bits_w=8, bits_a=8, bits_dx=8, bits_dw=8)))
+    quantize_model(recipe, False, m, NoiseContext(seed=0))
+    return m
+
+
 def torchao_model(model: nn.Module) -> nn.Module | str:
     """torchao's int8 mixed-precision training on a copy, or why not."""
     try:

@@ -32,6 +32,9 @@ class BenchSettings:
     grad: str = "per_sample"  # dX quantizer of the FQT steps (per_tensor | per_sample | householder)
     bits: int = 8  # every slot of the FQT steps
     compile: bool = True  # torch.compile the quantizers (FQT steps and the compiled quantizer rows)
+    # the train steps through torch.compile too (trainer.compile): fp32, FQT simulate and the format recipe
+    compiled_steps: bool = True
+    step_format: str = "nvfp4"  # the format recipe's format (every slot; RHT16 and SR on the gradients)
     masks: bool = True  # also time the mask search (masks.py) at each thread count
     mask_size: int = 4096  # the square fp32 weight searched
     mask_reps: int = 5
@@ -44,7 +47,7 @@ class BenchSettings:
 # What bench.quick=true puts in place of the settings (a run of seconds: the tests' mode).
 QUICK = {"reps": 2, "warmup": 1, "threads": [1], "quant_elements": 1 << 16, "quant_rows": 64, "width": 64,
          "hidden": 128, "blocks": 1, "features": 64, "cnn_channels": 32, "cnn_in_channels": 4, "cnn_length": 32,
-         "cnn_batch": 16, "compile": False, "mask_size": 64, "mask_reps": 2}
+         "cnn_batch": 16, "compile": False, "compiled_steps": False, "mask_size": 64, "mask_reps": 2}
 
 
 def resolve_settings(asked: BenchSettings, batch_size: int) -> BenchSettings:

@@ -19,7 +19,7 @@ from fqtrun.allocator import keep_freed_memory
 from fqtrun.bench.formats import format_bench
 from fqtrun.bench.harness import interleaved, median_ms, median_ratios
 from fqtrun.bench.masks import mask_bench
-from fqtrun.bench.models import cnn_model, fqt_model, linear_model, torchao_model
+from fqtrun.bench.models import cnn_model, format_model, fqt_model, linear_model, torchao_model
 from fqtrun.bench.numerics import numerics_bench
 from fqtrun.bench.settings import BenchSettings, resolve_settings
 from fqtrun.errors import NumericsError
@@ -29,6 +29,7 @@ from fqtrun.quant.gradient import make_gradient_quantizer, quantize_pair
 from fqtrun.quant.native import library as native_library
 from fqtrun.quant.numerics import NonFiniteError
 from fqtrun.tasks import TASKS, Task
+from fqtrun.training.compiled import compiled_model
 
 
 def quantizer_bench(s: BenchSettings, seed: int) -> dict:
@@ -61,15 +62,17 @@ def quantizer_bench(s: BenchSettings, seed: int) -> dict:
 
 
 def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: bool,
-            task: Task) -> Callable[[], torch.Tensor]:
+            task: Task, compiled: bool = False) -> Callable[[], torch.Tensor]:
     """One SGD train step of `model` on the fixed batch (x, y) with the task's loss (cross-entropy over
-    the labels or every next token), optionally under bf16 autocast."""
+    the labels or every next token), optionally under bf16 autocast, or with the model's forward and
+    backward compiled as trainer.compile does (the first, untimed warm-up steps compile)."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    forward = compiled_model(model) if compiled else model
 
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = task.loss(model(x).float(), y)
+            loss = task.loss(forward(x).float(), y)
         loss.backward()
         opt.step()
         return loss
@@ -88,10 +91,14 @@ def step_bench(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, s:
     `probe`: also the numerics-health probe's cost on the FQT int8 step (bench/numerics.py)."""
     variants = {"fp32": (model, False), "bf16 autocast": (copy.deepcopy(model), True),
                 "FQT simulate": (fqt_model(model, s, "simulate"), False),
-                "FQT int8": (fqt_model(model, s, "int8"), False)}
+                "FQT int8": (fqt_model(model, s, "int8"), False),
+                f"{s.step_format} recipe": (format_model(model, s), False)}
     ao = torchao_model(model)
     task = model_task(model)
     fns = {k: step_fn(m, x, y, ac, task) for k, (m, ac) in variants.items()}
+    if s.compiled_steps:  # the same models' forward and backward through torch.compile (trainer.compile)
+        for k in ("fp32", "FQT simulate", f"{s.step_format} recipe"):
+            fns[f"{k}, compiled"] = step_fn(variants[k][0], x, y, False, task, compiled=True)
     if isinstance(ao, nn.Module):
         fns["torchao int8 mixed precision"] = step_fn(ao, x, y, False, task)
     times = interleaved(fns, s.reps, s.warmup)

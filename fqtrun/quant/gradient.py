@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fqtrun.quant import ops
 from fqtrun.quant.bits import check_bits
 from fqtrun.quant.grid import (
     covering_grid_from_range,
@@ -89,7 +90,7 @@ class GradCodes:
         return saturate_(v).to(self.dtype)
 
 
-class _SRGradientQuantizer:
+class SRGradientQuantizer:
     """Common part: a grid from the ranges along keep_dim, SR codes, and what the last call used.
 
     Where the C kernels run (float32 CPU tensors, quant/native/) a call is a range pass and one SR pass
@@ -177,8 +178,13 @@ class _SRGradientQuantizer:
             return dataclasses.replace(gc, scale=gc.scale * unit, lo=None if gc.lo is None else gc.lo * unit,
                                        dtype=x.dtype)
 
-    def __call__(self, x: Tensor, seed: int) -> Tensor:
-        """quantize(x, seed).dequantize(), fused (same values; the same overflow retry)."""
+    def __call__(self, x: Tensor, seed: int | Tensor) -> Tensor:
+        """quantize(x, seed).dequantize(), fused (same values; the same overflow retry). While torch traces,
+        the op fqtrun::sr_fake (quant/ops.py), whose seed may be a 0-d int64 tensor."""
+        if ops.tracing():
+            return ops.sr_fake(x.detach(), self.name, self.bits, getattr(self, "grid", ""), self.compile,
+                               ops.as_seed(seed))
+        seed = ops.seed_value(seed)
         try:
             return self._fake(x, seed)
         except NonFiniteError:
@@ -241,23 +247,48 @@ def _ranges(xf: Tensor, keep_dims: set) -> dict | None:
     return out
 
 
-def quantize_pair(dx_q: _SRGradientQuantizer, dw_q: _SRGradientQuantizer, x: Tensor, seed_dx: int,
+def _pair_pass(qs: tuple[SRGradientQuantizer, SRGradientQuantizer], x: Tensor, seeds: tuple[int, int],
+               codes: bool) -> list[SRResult] | None:
+    """Both quantizers' SR results (codes or values) from one range pass and one SR pass over x; None where the
+    C kernels cannot run, a quantizer transforms x, or a range or grid is not finite (then the separate calls
+    say whether x or an intermediate was non-finite, or retry on 2^-k x)."""
+    if any(isinstance(q, BlockHouseholder) or (codes and q.bits > 8) for q in qs):
+        return None
+    xf = _as_matrix("quantize_pair", x)
+    try:
+        ranges = _ranges(xf, {q.keep_dim for q in qs})
+        if ranges is None:
+            return None
+        jobs = [q._sr_job(ranges, s) for q, s in zip(qs, seeds)]
+        for job in jobs:
+            job.codes = codes
+        return native_sr.sr_pass(xf, jobs)
+    except NonFiniteError:
+        return None
+
+
+def quantize_pair(dx_q: SRGradientQuantizer, dw_q: SRGradientQuantizer, x: Tensor, seed_dx: int,
                   seed_dw: int) -> tuple[GradCodes, GradCodes]:
     """(dx_q.quantize(x, seed_dx), dw_q.quantize(x, seed_dw)) with the same codes, from one range pass and one
     SR pass over x where the C kernels run and neither quantizer transforms x (the int8 backend's dX and
     dW codes of one dY); two separate calls otherwise."""
-    qs = (dx_q, dw_q)
-    xf = _as_matrix("quantize_pair", x)
-    if not any(isinstance(q, BlockHouseholder) or q.bits > 8 for q in qs):
-        try:
-            ranges = _ranges(xf, {q.keep_dim for q in qs})
-            res = None if ranges is None else native_sr.sr_pass(
-                xf, [q._sr_job(ranges, s) for q, s in zip(qs, (seed_dx, seed_dw))])
-        except NonFiniteError:
-            res = None  # the separate calls say whether x or an intermediate was non-finite, or retry
-        if res is not None:
-            return dx_q._codes(x, res[0], None), dw_q._codes(x, res[1], None)
+    res = _pair_pass((dx_q, dw_q), x, (seed_dx, seed_dw), codes=True)
+    if res is not None:
+        return dx_q._codes(x, res[0], None), dw_q._codes(x, res[1], None)
     return dx_q.quantize(x, seed_dx), dw_q.quantize(x, seed_dw)
+
+
+def fake_pair(dx_q: SRGradientQuantizer, dw_q: SRGradientQuantizer, x: Tensor, seed_dx: int,
+              seed_dw: int) -> tuple[Tensor, Tensor] | None:
+    """(dx_q(x, seed_dx), dw_q(x, seed_dw)), the same values, from one range pass and one SR pass over x (the
+    simulate backend's dX and dW operands of one dY); None where that cannot run (see _pair_pass): then
+    call the two quantizers."""
+    res = _pair_pass((dx_q, dw_q), x, (seed_dx, seed_dw), codes=False)
+    if res is None:
+        return None
+    for q in (dx_q, dw_q):
+        q._record(x, None)
+    return res[0].out.to(x.dtype), res[1].out.to(x.dtype)
 
 
 def saturate_(v: Tensor) -> Tensor:
@@ -282,7 +313,7 @@ def overflow_shift(x: Tensor, name: str) -> int:
     return k
 
 
-class PerTensor(_SRGradientQuantizer):
+class PerTensor(SRGradientQuantizer):
     """PTQ: one zero-aligned range for the whole tensor. Var <= N D step^2 / 4."""
 
     name = "per_tensor"
@@ -291,7 +322,7 @@ class PerTensor(_SRGradientQuantizer):
         return (*covering_grid_from_range(lo, hi, self.bits), None)
 
 
-class PerSample(_SRGradientQuantizer):
+class PerSample(SRGradientQuantizer):
     """PSQ: one range per row (sample). Var <= D sum_i step_i^2 / 4 <= PTQ's bound.
 
     grid="minmax" (default): each row's plain [min, max], step R_i / B, as the spec's exact formula and
@@ -330,7 +361,7 @@ class PerSample(_SRGradientQuantizer):
         return f"PerSample(bits={self.bits}, compile={self.compile}, grid={self.grid!r})"
 
 
-class PerColumn(_SRGradientQuantizer):
+class PerColumn(SRGradientQuantizer):
     """Q_bw for the dW GEMM: one zero-aligned range per column (over the batch); the per-column scales
     commute with the reduction over the batch in dW = Q(dY)^T X."""
 
@@ -341,7 +372,7 @@ class PerColumn(_SRGradientQuantizer):
         return (*covering_grid_from_range(lo, hi, self.bits), None)
 
 
-class BlockHouseholder(_SRGradientQuantizer):
+class BlockHouseholder(SRGradientQuantizer):
     """BHQ: rows grouped by range, T = H_n diag(s1, s2, ..., s2) per group, then PSQ on T X.
 
     Ranges are the rows' max - min, the span PSQ's min-max grid covers (as the reference code's
@@ -349,8 +380,8 @@ class BlockHouseholder(_SRGradientQuantizer):
     its grid). Near float32's limit a group's scales take a power of two that keeps T X finite (the same codes);
     a finite input stays finite (overflow_shift, saturate_). N = 1 gives exactly PSQ. The rows of T X get
     the min-max grid: the reflections mix rows, so no zero-aligned grid could keep exact zeros anyway.
-    With the C kernels: a range pass, the set-up, one pass for T X and its row ranges, and one for the SR
-    and (for values) T^-1, in place.
+    With the C kernels: a range pass, the set-up, and one pass group by group (T X, its row grids, SR and for
+    values T^-1, the group's rows in cache; T X is never stored).
     """
 
     name = "householder"
@@ -393,17 +424,19 @@ class BlockHouseholder(_SRGradientQuantizer):
             return None
         lo, hi = got[0]
         transform = self._transform(lo.view(-1), hi.view(-1))
-        got = native_bhq.transformed(xf, transform)
+        got = native_bhq.quantize(xf, transform, self.bits, seed, codes)
         if got is None:
             return None
-        y, grid = got[0], span_grid_from_range(*got[1:], self.bits)
-        res = native_bhq.quantize(y, transform, grid, self.bits, seed, codes)
-        if res is not None and not codes and self._inverse_may_overflow(transform, *got[1:]):
+        res, yhi = got  # res.lo: the rows' min of T x
+        # span_grid_from_range's checks, on the grid the kernel built from the rows' ranges of T x
+        check_range(res.lo, yhi, what="gradient")
+        check_range(res.scale * float(2**self.bits - 1) + res.lo, what="grid of the gradient", intermediate=True)
+        if not codes and self._inverse_may_overflow(transform, res.lo, yhi):
             saturate_(res.out)
-        return None if res is None else (res, transform)
+        return res, transform
 
 
-GRADIENT_QUANTIZERS: dict[str, type[_SRGradientQuantizer]] = {
+GRADIENT_QUANTIZERS: dict[str, type[SRGradientQuantizer]] = {
     "per_tensor": PerTensor,
     "per_sample": PerSample,
     "householder": BlockHouseholder,
@@ -414,8 +447,13 @@ GRADIENT_QUANTIZERS: dict[str, type[_SRGradientQuantizer]] = {
 }
 
 
+def _sr_op(x: Tensor, quantizer: str, bits: int, grid: str, compile: bool, seed: Tensor) -> Tensor:
+    """fqtrun::sr_fake's implementation (quant/ops.py): the quantizer's __call__ run eager."""
+    return make_gradient_quantizer(quantizer, bits, compile=compile, grid=grid or None)(x, ops.seed_value(seed))
+
+
 def make_gradient_quantizer(name: str, bits: int, *, compile: bool = False,
-                            grid: str | None = None) -> _SRGradientQuantizer:
+                            grid: str | None = None) -> SRGradientQuantizer:
     """Build a gradient quantizer by registry name (or alias); compile=True fuses the SR pass.
 
     grid: PSQ's grid (GRAD_GRIDS; None = its default, minmax); the other quantizers have one grid each.
@@ -431,3 +469,6 @@ def make_gradient_quantizer(name: str, bits: int, *, compile: bool = False,
         raise ValueError(f"quant.grad_grid={grid} applies to per_sample only ({cls.name} has one grid): "
                          "drop quant.grad_grid or use quant.grad=per_sample")
     return cls(bits, compile=compile, grid=grid)
+
+
+ops.implement(ops.sr_fake, _sr_op)

@@ -18,6 +18,7 @@ import functools
 
 import torch
 
+from fqtrun.quant import grid_small
 from fqtrun.quant.numerics import check_range
 
 Tensor = torch.Tensor
@@ -44,6 +45,14 @@ def minmax_grid(x: Tensor, bits: int, keep_dim: int | None = None, what: str = "
     """
     dims = _reduce_dims(x, keep_dim)
     lo, hi = x.detach().amin(dim=dims, keepdim=True), x.detach().amax(dim=dims, keepdim=True)
+    return minmax_grid_from_range(lo, hi, bits, what)
+
+
+def minmax_grid_from_range(lo: Tensor, hi: Tensor, bits: int, what: str = "input") -> tuple[Tensor, Tensor]:
+    """minmax_grid's (scale, zero) from the ranges (lo, hi) it takes (any shape, kept); small CPU ranges
+    on numpy (grid_small.py: the same numbers, fewer launches)."""
+    if grid_small.applies(lo, hi):
+        return grid_small.minmax(lo, hi, float(levels(bits)), what)
     check_range(lo, hi, what=what)
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     span = hi - lo
@@ -189,10 +198,12 @@ def covering_grid_from_range(lo: Tensor, hi: Tensor, bits: int, what: str = "gra
     Because step(z) only grows with the range for every z, a sub-range (a row) never gets a
     coarser grid than the whole (so PSQ's bound <= PTQ's holds with real steps).
     All-zero ranges get scale 1; scales never fall below the smallest normal float32.
-    NonFiniteError (naming `what`) when lo or hi holds NaN or inf.
+    NonFiniteError (naming `what`) when lo or hi holds NaN or inf. Small CPU ranges on numpy (grid_small.py).
     """
-    check_range(lo, hi, what=what)
     big = float(levels(bits))
+    if grid_small.applies(lo, hi):
+        return grid_small.covering(lo, hi, big, what)
+    check_range(lo, hi, what=what)
     lo = lo.float().clamp(max=0)
     hi = hi.float().clamp(min=0)
     both = (lo < 0) & (hi > 0)
@@ -236,8 +247,11 @@ def span_grid_from_range(lo: Tensor, hi: Tensor, bits: int,
     stays within D (hi - lo)^2 / (4 B^2) (spec/fqt.md, PSQ's bound). A constant row (hi = lo, all-zero included)
     gets scale 1, so its codes are 0 and its values lo exactly; scales never fall below the
     smallest normal float32; the span itself must fit float32 (|values| below about 1.7e38), or the
-    values near hi overflow. NonFiniteError (naming `what`) when lo or hi holds NaN or inf.
+    values near hi overflow. NonFiniteError (naming `what`) when lo or hi holds NaN or inf. Small CPU ranges
+    on numpy (grid_small.py).
     """
+    if grid_small.applies(lo, hi):
+        return grid_small.span(lo, hi, float(levels(bits)), what)
     check_range(lo, hi, what=what)
     lo, hi = lo.float(), hi.float()
     # halves avoid overflow of hi - lo near the float32 limit (same value as (hi - lo) / B otherwise)

@@ -14,11 +14,10 @@ weight quantization, so the dX GEMM sees the masked, quantized W.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from fqtrun.quant import ops
 from fqtrun.quant.backends import SLOTS, RunRecord, make_backend
 from fqtrun.quant.grid import mix_seed
 
@@ -26,17 +25,24 @@ Tensor = torch.Tensor
 _SLOT_ID = {s: i for i, s in enumerate(SLOTS)}
 
 
-@dataclass
 class NoiseContext:
     """Where stochastic rounding draws its noise: a pure function of (seed, step, draw, layer, slot).
 
     The trainer advances `step`; analyses that repeat a backward pass on one batch bump `draw`.
-    Resuming at step t therefore replays exactly the noise of the uninterrupted run.
+    Resuming at step t therefore replays exactly the noise of the uninterrupted run. The three live in
+    `counter`, an int64 tensor [seed, step, draw]: a compiled step reads it as an input (quant/ops.py), so
+    a new step does not recompile.
     """
 
-    seed: int = 0
-    step: int = 0
-    draw: int = 0
+    def __init__(self, seed: int = 0, step: int = 0, draw: int = 0):
+        self.counter = torch.tensor([seed, step, draw], dtype=torch.int64)
+
+    seed = property(lambda self: int(self.counter[0]), lambda self, v: self.counter.__setitem__(0, v))
+    step = property(lambda self: int(self.counter[1]), lambda self, v: self.counter.__setitem__(1, v))
+    draw = property(lambda self: int(self.counter[2]), lambda self, v: self.counter.__setitem__(2, v))
+
+    def __repr__(self) -> str:
+        return f"NoiseContext(seed={self.seed}, step={self.step}, draw={self.draw})"
 
 
 class QuantLayerMixin:
@@ -65,17 +71,23 @@ class QuantLayerMixin:
         """The backend runs the forward GEMM and sets up the backward ones, noting in self.record what ran."""
         return self.backend.run(self, x, self.record)
 
-    def grad_seed(self, slot: str) -> int:
-        """Stochastic-rounding seed of a gradient slot: a pure function of (seed, step, draw, layer, slot)."""
-        n = self.noise
-        return mix_seed(n.seed, n.step, n.draw, self.index, _SLOT_ID[slot])
+    def grad_seed(self, slot: str) -> int | Tensor:
+        """Stochastic-rounding seed of a gradient slot: a pure function of (seed, step, draw, layer, slot);
+        a 0-d int64 tensor while torch traces (quant/ops.py), an int otherwise."""
+        return self._mix(True, self.index, _SLOT_ID[slot])
 
-    def transform_key(self, gemm: int, fresh: bool) -> int:
+    def transform_key(self, gemm: int, fresh: bool) -> int | Tensor:
         """Key of a GEMM's transform signs: (seed, step, draw, layer, GEMM) when fresh every step, else
         (seed, layer, GEMM); a pure function of the noise context, so resuming replays it."""
-        n = self.noise
         tag = len(SLOTS) + gemm  # apart from the slot ids of grad_seed
-        return mix_seed(n.seed, n.step, n.draw, self.index, tag) if fresh else mix_seed(n.seed, self.index, tag)
+        return self._mix(fresh, self.index, tag)
+
+    def _mix(self, with_step: bool, *parts: int) -> int | Tensor:
+        """mix_seed(seed[, step, draw], *parts) of the noise counter, as grad_seed says."""
+        counter = self.noise.counter if with_step else self.noise.counter[:1]
+        if ops.tracing():
+            return ops.mix_seed(counter, list(parts))
+        return mix_seed(*counter.tolist(), *parts)
 
     def used_bits(self) -> dict[str, int | None]:
         """Bits each slot used in the last forward/backward (None = full precision)."""

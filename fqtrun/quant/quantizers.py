@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fqtrun.quant import grid, ridge
+from fqtrun.quant import grid, ops, ridge
 from fqtrun.quant.bits import check_bits
+from fqtrun.quant.native import minmax as native_minmax
 
 Tensor = torch.Tensor
 
@@ -68,14 +69,45 @@ class MinMaxQuantizer:
             return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
         return clipped(xd, scale, zero)
 
+    def fake(self, x: Tensor) -> Tensor:
+        """codes(x).dequantize(), no autograd: two C passes where they run (native/minmax.py); the op
+        fqtrun::minmax_fake while torch traces (quant/ops.py)."""
+        if ops.tracing():
+            return ops.minmax_fake(x.detach(), self.bits, self.granularity)
+        fast = native_minmax.fake(x, self.bits, self.granularity == "channel", straight_through=False)
+        return self.codes(x).dequantize() if fast is None else fast
+
     def __call__(self, x: Tensor) -> Tensor:
-        """Fake-quantized x; the backward is the identity (straight-through estimator)."""
-        x_hat = self.codes(x).dequantize()
-        return x + (x_hat - x).detach()
+        """Fake-quantized x, x + (x_hat - x) with the identity as its backward (straight-through estimator):
+        its value from the C passes in eager mode where they run."""
+        if not ops.tracing():
+            fast = native_minmax.fake(x, self.bits, self.granularity == "channel", straight_through=True)
+            if fast is not None:
+                return _StraightThrough.apply(x, fast)
+        return x + (self.fake(x) - x).detach()
 
     def __repr__(self) -> str:
         return f"MinMaxQuantizer(bits={self.bits}, granularity={self.granularity!r})"
 
+
+class _StraightThrough(torch.autograd.Function):
+    """value: the given straight-through value (computed without autograd); gradient: the identity to x."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, value: Tensor) -> Tensor:
+        return value
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def _minmax_op(x: Tensor, bits: int, granularity: str) -> Tensor:
+    """fqtrun::minmax_fake's implementation (quant/ops.py): MinMaxQuantizer.fake run eager."""
+    return MinMaxQuantizer(bits, granularity).codes(x).dequantize().to(x.dtype)
+
+
+ops.implement(ops.minmax_fake, _minmax_op)
 
 RIDGE_FORMS = ("affine", "linear")
 

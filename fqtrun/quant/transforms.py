@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fqtrun.quant import ops
 from fqtrun.quant.grid import uniform_noise
 
 Tensor = torch.Tensor
@@ -97,14 +98,26 @@ class RandomHadamard:
         d = dim % x.dim()
         return out.reshape(*x.shape[:d], n, *x.shape[d + 1:]).to(x.dtype)
 
-    def forward(self, x: Tensor, dim: int, key: int) -> Tensor:
-        """x R along dim (dim padded to a multiple of the block)."""
-        return self._apply(x, dim, key, inverse=False)
+    def forward(self, x: Tensor, dim: int, key: int | Tensor) -> Tensor:
+        """x R along dim (dim padded to a multiple of the block); the op fqtrun::rht while torch traces."""
+        if ops.tracing():
+            return ops.rht(x, dim, self.block, self.signs, ops.as_seed(key), False)
+        return self._apply(x, dim, ops.seed_value(key), inverse=False)
 
-    def inverse(self, y: Tensor, dim: int, key: int) -> Tensor:
+    def inverse(self, y: Tensor, dim: int, key: int | Tensor) -> Tensor:
         """y R^T along dim; y's dim is the padded length forward returned (slice it back yourself)."""
-        return self._apply(y, dim, key, inverse=True)
+        if ops.tracing():
+            return ops.rht(y, dim, self.block, self.signs, ops.as_seed(key), True)
+        return self._apply(y, dim, ops.seed_value(key), inverse=True)
 
+
+def _rht_op(x: Tensor, dim: int, block: int, signs: str, key: Tensor, inverse: bool) -> Tensor:
+    """fqtrun::rht's implementation (quant/ops.py): RandomHadamard.forward / inverse run eager."""
+    t = RandomHadamard(block, signs)
+    return t._apply(x, dim, ops.seed_value(key), inverse)
+
+
+ops.implement(ops.rht, _rht_op)
 
 TRANSFORMS = {"rht": RandomHadamard}
 

@@ -85,7 +85,7 @@ def _loop_settings(cfg: DictConfig) -> LoopSettings:
         epochs=cfg.epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
         grad_clip=cfg.grad_clip, nan_policy=cfg.nan_policy, log_every=cfg.logger.log_every,
         checkpoint_every=cfg.checkpoint.every, keep_all=cfg.checkpoint.keep_all,
-        max_steps=cfg.trainer.max_steps, eval_every=cfg.trainer.eval_every,
+        max_steps=cfg.trainer.max_steps, eval_every=cfg.trainer.eval_every, compile=cfg.trainer.compile,
     )
 
 

@@ -20,8 +20,10 @@ from torch import nn
 
 from fqtrun.data.loader import make_loader
 from fqtrun.errors import CheckpointError, TrainingError
+from fqtrun.quant.backends.base import RunRecord
 from fqtrun.quant.grid import mix_seed
 from fqtrun.quant.numerics import NonFiniteError
+from fqtrun.training.compiled import compiled_model
 from fqtrun.training.distributed import SingleProcess
 from fqtrun.training.hooks import Hook
 
@@ -57,6 +59,7 @@ class LoopSettings:
     max_steps: int | None = None  # stop after this many steps (None: epochs x steps per epoch)
     eval_every: int = 0  # steps between evaluations; 0: at the end of every epoch
     save: bool = True  # write checkpoints (a precision range test does not)
+    compile: bool = False  # torch.compile the model's forward and backward (trainer.compile)
 
 
 class Interrupted(Exception):
@@ -91,6 +94,8 @@ class Trainer:
         # an optimizer over the shards), global loss; rank 0 logs
         self.dist = dist or SingleProcess()
         self.train_model, self.optimizer = self.dist.prepare(model, optimizer)
+        self.step_model = compiled_model(self.train_model) if settings.compile else self.train_model
+        self._records = [m.record for m in model.modules() if isinstance(getattr(m, "record", None), RunRecord)]
 
     # ----- state ---------------------------------------------------------------------------
     def run_state(self) -> dict:
@@ -203,18 +208,17 @@ class Trainer:
             g["lr"] = base * factor
         for h in self.hooks:
             h.before_step(st.step)
+        # a numerics-probe step measures inside the quantized layers: eager, as the probe writes Python objects
+        eager = self.step_model is self.train_model or any(r.probe for r in self._records)
         try:  # a quantizer meeting NaN/inf in a layer's input, weights or dY raises NonFiniteError
-            out = self.train_model(x)
-            global_n = min(s.batch_size, len(self.train_set) - st.batch * s.batch_size)  # this step's batch
-            loss, value, sums, n = self.dist.batch_loss(self.task, out, y, global_n)
-            batch = {**self.task.metrics(value * n, sums, n), "loss": value}
-            self.optimizer.zero_grad(set_to_none=True)
-            if not math.isfinite(value):
-                return self._non_finite(f"loss is {value}", "lower optim.lr, raise the bits", batch)
-            loss.backward()
+            loss, value, sums, n, batch = self._forward_backward(self.train_model if eager else self.step_model, x, y)
         except NonFiniteError as err:
             self.optimizer.zero_grad(set_to_none=True)  # a backward stopped midway leaves partial gradients
+            if not eager:  # compiled ops cannot say where: the same step eager (the same noise) names the layer
+                err = self._eager_error(x, y) or err
             return self._non_finite(str(err), "lower optim.lr, check the data for NaN/inf", {})
+        if loss is None:
+            return self._non_finite(f"loss is {value}", "lower optim.lr, raise the bits", batch)
         for h in self.hooks:
             h.after_backward(st.step)
         if s.grad_clip > 0:
@@ -222,6 +226,29 @@ class Trainer:
         self.optimizer.step()
         st.last_train_loss = value
         return value, sums, n, batch
+
+    def _forward_backward(self, model: Callable, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        """(loss or None when not finite, its value, task sums, size, batch metrics), gradients in place."""
+        s, st = self.s, self.state
+        out = model(x)
+        global_n = min(s.batch_size, len(self.train_set) - st.batch * s.batch_size)  # this step's batch
+        loss, value, sums, n = self.dist.batch_loss(self.task, out, y, global_n)
+        batch = {**self.task.metrics(value * n, sums, n), "loss": value}
+        self.optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(value):
+            return None, value, sums, n, batch
+        loss.backward()
+        return loss, value, sums, n, batch
+
+    def _eager_error(self, x: torch.Tensor, y: torch.Tensor) -> NonFiniteError | None:
+        """The NonFiniteError of this step run eager (it names the layer and slot), or None if none comes."""
+        try:
+            self._forward_backward(self.train_model, x, y)
+        except NonFiniteError as err:
+            return err
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+        return None
 
     def _non_finite(self, what: str, fix: str, batch: dict) -> tuple[None, dict, int, dict]:
         """nan_policy on a step that met NaN/inf: skip (count it, no optimizer step) or stop with one line

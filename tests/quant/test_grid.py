@@ -8,6 +8,8 @@ import pytest
 import scipy.stats
 import torch
 
+from fqtrun.quant import grid
+from fqtrun.quant.numerics import NonFiniteError
 from fqtrun.quant.grid import (
     covering_grid,
     covering_grid_from_range,
@@ -242,3 +244,54 @@ def test_minmax_grid_nearest_round_trip():
     q = dequantize(quantize_nearest(x, scale, zero, 8), scale, zero)
     assert torch.all((q - x).abs() <= scale / 2 + 1e-6)
     assert dequantize(quantize_nearest(torch.zeros(1, 1), scale, zero, 8), scale, zero).item() == 0.0
+
+
+def _edge_ranges(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(lo, hi) pairs of shape (rows, 1) and (1, cols): random scales, zeros, one-sided, constant, tiny,
+    subnormal and near-limit ranges."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in [(1, 1), (64, 1), (1, 300), (7, 1)]:
+        a = torch.randn(shape, generator=g) * torch.exp(8 * torch.randn(shape, generator=g))
+        b = torch.randn(shape, generator=g) * torch.exp(8 * torch.randn(shape, generator=g))
+        lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+        out += [(lo, hi), (lo.abs(), hi.abs() + lo.abs()), (-hi.abs() - lo.abs(), -lo.abs()), (lo, lo),
+                (torch.zeros(shape), torch.zeros(shape)), (lo * 1e-38, hi * 1e-38), (lo * 1e-44, hi * 1e-44),
+                (torch.full(shape, -3.0e38), torch.full(shape, 3.0e38)), (lo.clamp(-1.7e38, 0) * 1e30, hi * 1e30)]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["minmax", "covering", "span"])
+def test_small_range_grids_on_numpy_equal_the_torch_form(kind, monkeypatch):
+    """grid_small's numpy form vs grid.py's torch form (forced by a zero size limit): the same scales,
+    zero points and offsets, and the same error where one raises."""
+    from fqtrun.quant import grid_small
+
+    fn = {"minmax": grid.minmax_grid_from_range, "covering": grid.covering_grid_from_range,
+          "span": grid.span_grid_from_range}[kind]
+
+    def run(lo, hi, bits):
+        try:
+            return [t.clone() for t in fn(lo, hi, bits)]
+        except NonFiniteError as err:
+            return str(err)
+
+    cases = 0
+    for seed in range(3):
+        for lo, hi in _edge_ranges(seed):
+            for bits in (2, 4, 8, 16):
+                assert grid_small.applies(lo, hi)
+                fast = run(lo, hi, bits)
+                with monkeypatch.context() as m:
+                    m.setattr(grid_small, "MAX_ELEMENTS", -1)
+                    slow = run(lo, hi, bits)
+                if isinstance(slow, str):
+                    assert fast == slow
+                else:
+                    # equal values (NaN where the torch form gives NaN: a subnormal span's zero point); a zero
+                    # point of 0 may carry either sign (torch's own paths differ in it)
+                    assert all(a.dtype == b.dtype and a.shape == b.shape
+                               and bool(((a == b) | (a.isnan() & b.isnan())).all())
+                               for a, b in zip(fast, slow)), (kind, bits, lo.flatten()[:3], hi.flatten()[:3])
+                cases += 1
+    assert cases == 3 * 36 * 4

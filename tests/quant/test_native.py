@@ -102,6 +102,27 @@ def test_two_threads_give_what_one_gives():
     assert all(torch.equal(a, b) for a, b in zip(out[1], out[2]))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_bhq_with_a_dominant_group_equals_its_torch_form(threads, monkeypatch):
+    # two dominant rows lead groups of about 150 and 50 of the 200 rows: with several threads bhq_sr splits them
+    # by column blocks (sums and ranges first, then SR and T^-1), which must not change a value
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 2500, generator=g)
+    x[7] *= 1000.0
+    x[100] *= 333.0
+    q = BlockHouseholder(4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        fast_values, fast = q(x, 4), q.quantize(x, 4)
+    finally:
+        torch.set_num_threads(before)
+    assert q.info()["max_group_size"] > 200 // 4  # split at 2 and 3 threads
+    slow_values, slow = torch_form(monkeypatch, lambda: (q(x, 4), q.quantize(x, 4)))
+    assert same(fast.codes.float(), slow.codes.float(), 1.0) and same(fast_values, slow_values, float(slow.scale.max()))
+    assert torch.equal(fast.scale, slow.scale) and torch.equal(fast.lo, slow.lo) and sums_hold(fast)
+
+
 def random_ranges(g: torch.Generator, n: int) -> torch.Tensor:
     kind = int(torch.randint(4, (1,), generator=g))
     if kind == 0:
@@ -212,3 +233,23 @@ def test_build_is_cached_and_a_missing_compiler_falls_back(tmp_path, monkeypatch
         torch.testing.assert_close(t.inverse(t.apply(x)), x, rtol=1e-4, atol=1e-4 * float(x.abs().max()))
     finally:
         library.load.cache_clear()
+
+
+def test_fake_pair_equals_the_two_quantizers():
+    """gradient.fake_pair (the simulate backend's dX and dW operands from one range and one SR pass) gives
+    each quantizer's own values bit for bit."""
+    from fqtrun.quant.gradient import fake_pair, make_gradient_quantizer
+
+    g = torch.Generator().manual_seed(3)
+    for rows, cols in [(2048, 64), (33, 7), (1, 300), (256, 256)]:
+        x = torch.randn(rows, cols, generator=g) * torch.exp(3 * torch.randn(rows, 1, generator=g))
+        for dx_name, grid, dw_name, bits in [("per_sample", None, "per_column", 8), ("per_tensor", None, "per_column", 4),
+                                             ("per_sample", "zero_aligned", "per_tensor", 5),
+                                             ("per_sample", None, "per_column", 12)]:
+            dx_q = make_gradient_quantizer(dx_name, bits, grid=grid)
+            dw_q = make_gradient_quantizer(dw_name, bits)
+            pair = fake_pair(dx_q, dw_q, x, 11, 12)
+            assert pair is not None
+            assert torch.equal(pair[0], dx_q(x, 11)) and torch.equal(pair[1], dw_q(x, 12))
+    bhq = make_gradient_quantizer("householder", 8)
+    assert fake_pair(bhq, make_gradient_quantizer("per_column", 8), x, 1, 2) is None  # BHQ transforms x

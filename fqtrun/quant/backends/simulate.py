@@ -35,10 +35,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fqtrun.quant import ops
 from fqtrun.quant.backends.base import Backend, RunRecord
 from fqtrun.quant.formats.quantizer import FormatQuantizer
-from fqtrun.quant.grid import mix_seed
+from fqtrun.quant.gradient import SRGradientQuantizer, fake_pair
 from fqtrun.quant.health import named_slot
+from fqtrun.quant.quantizers import MinMaxQuantizer
 
 Tensor = torch.Tensor
 
@@ -59,6 +61,9 @@ class Simulate(Backend):
         self.per_gemm = per_gemm
 
     def run(self, layer, x: Tensor, record: RunRecord) -> Tensor:
+        if ops.tracing() and torch.is_grad_enabled():  # a compiled backward cannot note them (_grad_slot)
+            record.use("dx", layer.slots["dx"])
+            record.use("dw", layer.slots["dw"])
         if self.per_gemm or has_formats(layer):
             return PerGemm.apply(x, layer.masked_weight(), layer.bias, layer, record)
         x_hat, w_hat = quantized_operands(layer, x, record)
@@ -92,15 +97,31 @@ def quantized_operands(layer, x: Tensor, record: RunRecord) -> tuple[Tensor, Ten
     return _fake_quant(layer, record, "a", x), _fake_quant(layer, record, "w", layer.masked_weight())
 
 
+def _grad_slot(layer, record: RunRecord, slot: str):
+    """The quantizer of gradient slot `slot`, noted in the record, except while torch traces: a compiled
+    backward cannot write Python objects, so Simulate.run noted it at the forward (the same quantizer)."""
+    return layer.slots[slot] if ops.tracing() else record.use(slot, layer.slots[slot])
+
+
 def quantize_grad(layer, record: RunRecord, slot: str, g: Tensor) -> Tensor:
     """Q(g) with the layer's gradient slot and its noise seed; g unchanged when the slot is full precision."""
-    q = record.use(slot, layer.slots[slot])
+    q = _grad_slot(layer, record, slot)
     if q is None:
         return g
     with named_slot(layer, record, slot, g):
         g_hat = q(g, layer.grad_seed(slot))
     record.measure(slot, q, g, lambda: g_hat)
     return g_hat
+
+
+def grad_pair(layer, record: RunRecord, g: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Q_dx(g) and Q_dw(g) from one range pass and one SR pass (gradient.fake_pair, the same values as
+    quantize_grad for each), in eager mode where both slots are quantized and the kernels run; else None."""
+    qx, qw = _grad_slot(layer, record, "dx"), _grad_slot(layer, record, "dw")
+    if ops.tracing() or record.probe or not (isinstance(qx, SRGradientQuantizer)
+                                             and isinstance(qw, SRGradientQuantizer)):
+        return None
+    return fake_pair(qx, qw, g, layer.grad_seed("dx"), layer.grad_seed("dw"))
 
 
 def gemm(layer, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
@@ -140,10 +161,12 @@ class FQTLinear(_FQTFunction):
         layer, record = ctx.layer, ctx.record
         g2 = gy.reshape(-1, gy.shape[-1])  # (N, out), one row per sample (or token)
         gx = gw = gb = None
+        pair = grad_pair(layer, record, g2) if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] else None
         if ctx.needs_input_grad[0]:
-            gx = (quantize_grad(layer, record, "dx", g2) @ w).reshape(x.shape)
+            gx = ((quantize_grad(layer, record, "dx", g2) if pair is None else pair[0]) @ w).reshape(x.shape)
         if ctx.needs_input_grad[1]:
-            gw = quantize_grad(layer, record, "dw", g2).t() @ x.reshape(-1, x.shape[-1])
+            g_dw = quantize_grad(layer, record, "dw", g2) if pair is None else pair[1]
+            gw = g_dw.t() @ x.reshape(-1, x.shape[-1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
         return gx, gw, gb, None, None
@@ -185,7 +208,7 @@ def has_formats(layer) -> bool:
 
 def _slot_seed(layer, slot: str, gemm: str) -> int:
     """SR seed of forward slot w or a in one of its two GEMMs (a pure function of the noise context)."""
-    return mix_seed(layer.grad_seed(slot), GEMM_IDS[gemm])
+    return ops.mix(layer.grad_seed(slot), GEMM_IDS[gemm])
 
 
 def _forward_operand(layer, record: RunRecord, slot: str, t: Tensor) -> Tensor:
@@ -196,7 +219,8 @@ def _forward_operand(layer, record: RunRecord, slot: str, t: Tensor) -> Tensor:
     if isinstance(q, FormatQuantizer):
         t_hat = q.fake(t, 1, _slot_seed(layer, slot, "fwd"))
     else:
-        t_hat = q.codes(t).dequantize()  # an integer grid (MinMaxQuantizer): one grid, both GEMMs
+        # an integer grid: one grid, both GEMMs (MinMaxQuantizer.fake: the op while torch traces)
+        t_hat = q.fake(t) if isinstance(q, MinMaxQuantizer) else q.codes(t).dequantize()
     record.measure(slot, q, t, lambda: t_hat)
     return t_hat
 
@@ -212,7 +236,7 @@ def _backward_operand(layer, slot: str, fp: Tensor, fwd: Tensor, dim: int, gemm:
 
 def _grad_operand(layer, record: RunRecord, slot: str, g: Tensor, dim: int, conv: bool):
     """(dY as the operand of slot's GEMM, the GEMM's transform or None, its key)."""
-    q = record.use(slot, layer.slots[slot])
+    q = _grad_slot(layer, record, slot)
     if q is None:
         return g, None, None
     if not isinstance(q, FormatQuantizer):  # an integer gradient quantizer, on its own matrix view
@@ -240,21 +264,27 @@ class PerGemm(torch.autograd.Function):
         a_hat = _forward_operand(layer, record, "a", x2)
         w_hat = _forward_operand(layer, record, "w", w)
         y = gemm(layer, a_hat, w_hat, bias)
-        ctx.save_for_backward(x2, w, a_hat, w_hat)
-        ctx.layer, ctx.record, ctx.x_shape, ctx.linear = layer, record, x.shape, linear
+        # a full-precision slot's operand is x (a view of it) or w: saved as the inputs themselves, since
+        # torch.compile cannot save a view of an input made inside the Function
+        ctx.a_fp, ctx.w_fp = a_hat is x2, w_hat is w
+        ctx.save_for_backward(x, w, None if ctx.a_fp else a_hat, None if ctx.w_fp else w_hat)
+        ctx.layer, ctx.record, ctx.linear = layer, record, linear
         ctx.has_bias = bias is not None
         return y.view(*x.shape[:-1], w.shape[0]) if linear else y
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        x2, w, a_hat, w_hat = ctx.saved_tensors
+        x, w, a_hat, w_hat = ctx.saved_tensors
         layer, record, linear = ctx.layer, ctx.record, ctx.linear
+        x2 = x.reshape(-1, x.shape[-1]) if linear else x
+        a_hat = x2 if ctx.a_fp else a_hat
+        w_hat = w if ctx.w_fp else w_hat
         g = gy.reshape(-1, gy.shape[-1]) if linear else gy
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             g_op, t, key = _grad_operand(layer, record, "dx", g, 1, not linear)
             w_op = _backward_operand(layer, "w", w, w_hat, 0, "dx", t, key)
-            gx = (g_op @ w_op).reshape(ctx.x_shape) if linear else conv_backward(layer, g_op, x2, w_op, True)
+            gx = (g_op @ w_op).reshape(x.shape) if linear else conv_backward(layer, g_op, x2, w_op, True)
         if ctx.needs_input_grad[1]:
             g_op, t, key = _grad_operand(layer, record, "dw", g, 0, not linear)
             a_op = _backward_operand(layer, "a", x2, a_hat, 0, "dw", t, key)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from fqtrun.quant import ops
+from fqtrun.quant.formats import make_format
 from fqtrun.quant.formats.elements import ROUNDINGS
 from fqtrun.quant.formats.format import Format, Quantized
 from fqtrun.quant.transforms import RandomHadamard
@@ -53,12 +55,20 @@ class FormatQuantizer:
     def orientation_free(self) -> bool:
         return self.format.orientation_free
 
-    def fake(self, x: Tensor, dim: int | None = None, seed: int = 0, transform: RandomHadamard | None = None,
-             key: int = 0) -> Tensor:
+    def fake(self, x: Tensor, dim: int | None = None, seed: int | Tensor = 0,
+             transform: RandomHadamard | None = None, key: int | Tensor | None = 0) -> Tensor:
         """x quantize-dequantized along dim (the consuming GEMM's reduction), after `transform` along dim
-        with `key` when given (one fused pass); no autograd."""
+        with `key` when given (one fused pass); no autograd. While torch traces, the op fqtrun::format_fake
+        (quant/ops.py), whose seed and key may be 0-d int64 tensors."""
+        dim = self.dim if dim is None else dim
+        if ops.tracing():
+            f, t = self.format, transform
+            return ops.format_fake(x.detach(), f.name, f.rule, f.two_d, self.rounding, dim, ops.as_seed(seed),
+                                   0 if t is None else t.block, "step" if t is None else t.signs,
+                                   ops.as_seed(0 if key is None else key))
         with torch.no_grad():
-            return self.format.fake(x, self.dim if dim is None else dim, self.rounding, seed, transform, key)
+            return self.format.fake(x, dim, self.rounding, ops.seed_value(seed), transform,
+                                    ops.seed_value(0 if key is None else key))
 
     def __call__(self, x: Tensor, seed: int = 0, dim: int | None = None) -> Tensor:
         """Fake-quantized x with a straight-through backward (the slot interface of the other quantizers)."""
@@ -76,3 +86,15 @@ class FormatQuantizer:
     def __repr__(self) -> str:
         t = f", transform=rht{self.transform.block}" if self.transform is not None else ""
         return f"FormatQuantizer({self.name}, {self.rounding}{t})"
+
+
+def _format_op(x: Tensor, format: str, rule: str, two_d: bool, rounding: str, dim: int, seed: Tensor, rht_block: int,
+               rht_signs: str, key: Tensor) -> Tensor:
+    """fqtrun::format_fake's implementation (quant/ops.py): Format.fake run eager."""
+    transform = RandomHadamard(rht_block, rht_signs) if rht_block else None
+    with torch.no_grad():
+        return make_format(format, rule, two_d).fake(x, dim, rounding, ops.seed_value(seed), transform,
+                                                     ops.seed_value(key))
+
+
+ops.implement(ops.format_fake, _format_op)

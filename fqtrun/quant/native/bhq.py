@@ -1,9 +1,12 @@
-"""BHQ in C (kernels.c bhq_setup, bhq_pass): the grouping, and y = T x, its row ranges, its SR and T^-1.
+"""BHQ in C (kernels.c bhq_setup, bhq_pass, bhq_sr): the grouping, the reflections, and the whole quantization.
 
 With c = u - e_1 per group (gradient.BlockHouseholderTransform), H y = y - c (weight^T y): a segment
-sum and a gather. bhq_pass does them per group and block of columns, the block's rows and group sums in
-cache, so a whole BHQ quantization is three passes over the gradient (row ranges; T x with its row
-ranges; SR and T^-1 in place) and one gradient-sized buffer, where the torch form makes about a dozen.
+sum and a gather. bhq_pass does them per group and block of columns (T, T^-1 and H of any matrix).
+bhq_sr quantizes a gradient group by group, the group's rows in cache: y = T x and its row ranges, each
+row's grid, then y again from x and the group sums, its SR and T^-1 on the values; y is never stored. A
+whole BHQ quantization is then the row-range pass over the gradient, the set-up, and that one pass (which
+reads a group's rows from memory once where they fit the L2 cache), writing only the codes or values,
+where the torch form makes about a dozen passes.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from fqtrun.quant.native import library
 from fqtrun.quant.native.sr import SRResult, fill_target
 
 Tensor = torch.Tensor
-_BLOCK = 1024  # columns per bhq_pass task: a group's rows of one block stay in the L2 cache
+_BLOCK = 1024  # columns per block of bhq_pass and bhq_sr: a group's rows of one block stay in the L2 cache
 
 
 def setup(ranges: Tensor) -> dict[str, Tensor] | None:
@@ -31,12 +34,12 @@ def setup(ranges: Tensor) -> dict[str, Tensor] | None:
     return f
 
 
-def _run(x: Tensor, out: Tensor | None, group: Tensor, coef: Tensor, *, w_in=None, pre=None, target=None, w_out=None,
+def _run(x: Tensor, out: Tensor | None, group: Tensor, coef: Tensor, *, w_in=None, pre=None, w_out=None,
          post=None, ylo=None, yhi=None) -> None:
     n, k = x.shape
     lib = library.load()
     p = library.ptr
-    rc = lib.bhq_pass(p(x), p(out), n, k, _BLOCK, p(group), p(coef), p(w_in), p(pre), target, p(w_out), p(post),
+    rc = lib.bhq_pass(p(x), p(out), n, k, _BLOCK, p(group), p(coef), p(w_in), p(pre), p(w_out), p(post),
                       p(ylo), p(yhi), library.threads())
     library.check(rc, "bhq_pass")
 
@@ -72,23 +75,28 @@ def transformed(x: Tensor, t) -> tuple[Tensor, Tensor, Tensor] | None:
     return y, ylo, yhi
 
 
-def quantize(y: Tensor, t, grid: tuple[Tensor, Tensor, Tensor], bits: int, seed: int, codes: bool) -> SRResult | None:
-    """SR of y = T x onto the per-row grid (scale, zero, lo), noise grid.uniform_noise(y.shape, seed): uint8
-    codes with their row and column sums (codes=True, bits <= 8), or the dequantized T^-1 (values of x), the
-    latter written over y; the values of gradient.BlockHouseholder's torch form. None when the kernel cannot
-    run here."""
-    scale, zero, lo = (g.float().contiguous() for g in grid)
-    if not _takes(y, t, scale, zero, lo) or (codes and bits > 8):
+def quantize(x: Tensor, t, bits: int, seed: int, codes: bool) -> tuple[SRResult, Tensor] | None:
+    """BHQ of x with transform t in one pass (kernels.c bhq_sr): y = T x, each row's min-max grid of y
+    (grid.span_grid_from_range), SR of y with noise grid.uniform_noise(x.shape, seed), and uint8 codes with
+    their row and column sums (codes=True, bits <= 8) or the dequantized T^-1 (values of x, a new tensor);
+    the values of gradient.BlockHouseholder's torch form. Returns (the result, whose lo is each row's min
+    of y, and the rows' max of y), both (N, 1); a row whose range is not finite has lo NaN and zeros (the
+    caller raises). None when the kernel cannot run here."""
+    if not _takes(x, t) or (codes and bits > 8):
         return None
-    n, d = y.shape
-    inv = torch.reciprocal(scale)
-    res = SRResult(torch.empty(n, d, dtype=torch.uint8) if codes else y, scale, zero, lo)
+    n, d = x.shape
+    scale, inv, zero, ylo, yhi = torch.empty(n, 1), torch.empty(n, 1), torch.zeros(n, 1), torch.empty(n, 1), torch.empty(n, 1)
+    res = SRResult(torch.empty(n, d, dtype=torch.uint8 if codes else torch.float32), scale, zero, ylo)
     target = library.SRTarget()
-    fill_target(target, "rows", bits, seed, (scale, inv, zero, lo))
+    fill_target(target, "rows", bits, seed, (scale, inv, zero, ylo))
     if codes:
         res.rowsum, res.colsum = torch.zeros(n, 1, dtype=torch.int32), torch.zeros(1, d, dtype=torch.int32)
         target.codes, target.rowsum, target.colsum = map(library.ptr, (res.out, res.rowsum, res.colsum))
-        _run(y, None, t.group, t.coef, target=target)
     else:
-        _run(y, y, t.group, t.coef, target=target, w_out=t.weight, post=t.row_scale)
-    return res
+        target.values = library.ptr(res.out)
+    p = library.ptr
+    w_in = t.weight * t.row_scale
+    rc = library.load().bhq_sr(p(x), n, d, _BLOCK, p(t.group), p(t.coef), p(w_in), p(t.row_scale), p(t.weight),
+                               p(t.row_scale), target, p(ylo), p(yhi), library.threads())
+    library.check(rc, "bhq_sr")
+    return res, yhi

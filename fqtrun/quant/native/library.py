@@ -50,7 +50,8 @@ _SIGNATURES = {
     "range_pass": [_p, _i64, _i64, _p, _p, _p, _p, ctypes.c_int],
     "sr_pass": [_p, _i64, _i64, ctypes.POINTER(SRTarget), ctypes.c_int, ctypes.c_int],
     "bhq_setup": [_p, _i64, _p, _p, _p, _p, _p, _p, _p, _p],
-    "bhq_pass": [_p, _p, _i64, _i64, _i64, _p, _p, _p, _p, ctypes.POINTER(SRTarget), _p, _p, _p, _p, ctypes.c_int],
+    "bhq_pass": [_p, _p, _i64, _i64, _i64, _p, _p, _p, _p, _p, _p, _p, _p, ctypes.c_int],
+    "bhq_sr": [_p, _i64, _i64, _i64, _p, _p, _p, _p, _p, _p, ctypes.POINTER(SRTarget), _p, _p, ctypes.c_int],
     "nearest_pass": [_p, _i64, _i64, ctypes.c_int, _p, _p, _f32, _p, _p, _p, ctypes.c_int],
     "epilogue": [_p, _i64, _i64, ctypes.POINTER(EpilogueArgs), ctypes.c_int],
 }

@@ -3,7 +3,11 @@
 sr_pass writes one or two targets in one pass over x, each with its own grid and noise: the dX and
 dW codes of the same dY read it once. A "row_span" target finds each row's span grid (grid.py) while
 the row is in cache, so PSQ is a single pass; the other kinds take a grid built from range_pass's
-ranges (or any other), exactly as grid.sr_quantize takes it.
+ranges (or any other), exactly as grid.sr_quantize takes it, so PTQ and per-column SR are a read-only
+range pass and the SR pass. The SR arithmetic runs in AVX2 + FMA intrinsics where the library is built
+for them (every x86-64-v3 or newer CPU; 16-lane AVX-512 in a native build on such a CPU: the same
+operations, the same bits);
+on a zero-aligned grid (lo 0) it skips the x - 0 and + 0 that cannot change a value.
 """
 
 from __future__ import annotations
