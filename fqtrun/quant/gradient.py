@@ -255,14 +255,19 @@ def _pair_pass(qs: tuple[SRGradientQuantizer, SRGradientQuantizer], x: Tensor, s
     if any(isinstance(q, BlockHouseholder) or (codes and q.bits > 8) for q in qs):
         return None
     xf = _as_matrix("quantize_pair", x)
+    in_pass = [isinstance(q, PerSample) and q.grid == "minmax" for q in qs]  # PSQ: each row's grid in the SR pass
     try:
-        ranges = _ranges(xf, {q.keep_dim for q in qs})
+        ranges = _ranges(xf, {q.keep_dim for q, own in zip(qs, in_pass) if not own})
         if ranges is None:
             return None
-        jobs = [q._sr_job(ranges, s) for q, s in zip(qs, seeds)]
+        jobs = [SRJob("row_span", q.bits, s) if own else q._sr_job(ranges, s) for q, s, own in zip(qs, seeds, in_pass)]
         for job in jobs:
             job.codes = codes
-        return native_sr.sr_pass(xf, jobs)
+        res = native_sr.sr_pass(xf, jobs)
+        for q, r, own in zip(qs, res or [], in_pass):
+            if own:
+                q._check_span(r)
+        return res
     except NonFiniteError:
         return None
 
@@ -352,10 +357,14 @@ class PerSample(SRGradientQuantizer):
         res = native_sr.sr_pass(xf, [SRJob("row_span", self.bits, seed, codes=codes)])
         if res is None:
             return None
-        check_range(res[0].lo, res[0].scale, what="gradient")  # a NaN row leaves lo NaN, an inf one scale inf
-        check_range(res[0].scale * float(2**self.bits - 1) + res[0].lo, what="grid of the gradient",
-                    intermediate=True)  # each row's top level: a finite row at the float32 limit may round past it
+        self._check_span(res[0])
         return res[0], None
+
+    def _check_span(self, res: SRResult) -> None:
+        """NonFiniteError for a row_span pass's grids: a NaN row leaves lo NaN, an inf one scale inf, and a finite
+        row at the float32 limit may round its top level past it."""
+        check_range(res.lo, res.scale, what="gradient")
+        check_range(res.scale * float(2**self.bits - 1) + res.lo, what="grid of the gradient", intermediate=True)
 
     def __repr__(self) -> str:
         return f"PerSample(bits={self.bits}, compile={self.compile}, grid={self.grid!r})"

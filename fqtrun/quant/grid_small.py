@@ -1,5 +1,6 @@
-"""grid.py's grid math from ranges, on numpy float32, for the small CPU range tensors every quantizer call
-builds its grid from (one per tensor, row or column: a few to a few thousand numbers).
+"""grid.py's min-max and span grids from ranges, on numpy float32, for the small CPU range tensors quantizer
+calls build their grids from (one per tensor, row or column: a few to a few thousand numbers); the
+covering grid has a C kernel instead (kernels.c covering_grid).
 
 Why: a torch op on a tensor of 64 numbers costs 5-10 us of dispatch, a numpy op about 1-2 us, and a
 grid takes 10-25 ops, which a small layer's step noticed (the GPT's 24 quantized layers, each with its
@@ -64,25 +65,6 @@ def minmax(lo: Tensor, hi: Tensor, big: float, what: str) -> tuple[Tensor, Tenso
         span = hi_ - lo_
         scale = np.where(span > 0, span / big, np.float32(1.0))
         zero = _clamp_max(_clamp_min(np.round(-lo_ / scale), 0.0), big)
-    return _out(scale, zero)
-
-
-def covering(lo: Tensor, hi: Tensor, big: float, what: str) -> tuple[Tensor, Tensor]:
-    """grid.covering_grid_from_range."""
-    lo_, hi_ = _np(lo), _np(hi)
-    _check(lo_, hi_, what=what)
-    with np.errstate(all="ignore"):  # an overflow becomes inf, which the final check reports
-        lo_, hi_ = _clamp_max(lo_, 0.0), _clamp_min(hi_, 0.0)
-        both = (lo_ < 0) & (hi_ > 0)
-        span = np.where(both, hi_ * 0.5 - lo_ * 0.5, np.float32(1.0))
-        z1 = _clamp_max(_clamp_min(np.floor((-lo_ * 0.5) / span * big), 1.0), big - 1.0)
-        z2 = _clamp_max(z1 + 1.0, big - 1.0)
-        s1 = np.maximum(-lo_ / z1, hi_ / (big - z1))
-        s2 = np.maximum(-lo_ / z2, hi_ / (big - z2))
-        zero = np.where(both, np.where(s2 < s1, z2, z1), np.where(lo_ < 0, np.float32(big), np.float32(0.0)))
-        scale = _positive(np.where(both, np.minimum(s1, s2), np.maximum(-lo_, hi_) / big))
-        _check(np.floor(lo_ / scale) * scale, np.ceil(hi_ / scale) * scale, what=f"grid of the {what}",
-               intermediate=True)
     return _out(scale, zero)
 
 

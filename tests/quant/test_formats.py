@@ -6,6 +6,9 @@ with the closed-form variance, and saturation reported."""
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -72,6 +75,65 @@ def test_c_kernel_equals_the_torch_path(fmt, monkeypatch):
             m.setattr(kernel, "usable", lambda x: False)
             slow = fmt.fake(x, dim, rounding, 5, t, 7)
         assert same_bits(fast, slow), (shape, dim, rounding, t)
+
+
+def long_lines(seed=0, top=3e38) -> torch.Tensor:
+    """Lines long enough for the kernel's whole-vector loops, rows spanning float32's range: up to `top`
+    (3e38: the clamp to float32's range; lower under a transform, whose sums would overflow), ordinary,
+    and subnormal."""
+    x = sample((12, 512), seed)
+    x[0] = x[0] / x[0].abs().max() * top
+    x[1] *= 1e-40
+    x[2, :100] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("fmt", VARIANTS, ids=IDS)
+def test_c_kernel_equals_the_torch_path_on_long_lines(fmt, monkeypatch):
+    """The vector loops (whole blocks, the 16- and 32-point transforms in registers, the tensor amax found
+    in the same call) against the torch path, along rows, down columns and in the middle dim."""
+    if not kernel.usable(torch.zeros(1)):
+        pytest.skip("no C compiler: the torch path runs alone")
+    for rounding, rht in itertools.product(["nearest", "stochastic"], [None, RandomHadamard(16), RandomHadamard(32),
+                                                                      RandomHadamard(128)]):
+        x = long_lines(top=3e38 if rht is None else 1e36)
+        for t, dim in [(x, -1), (x.t().contiguous(), 0), (x.reshape(3, 4, 512).transpose(1, 2).contiguous(), 1)]:
+            fast = fmt.fake(t, dim, rounding, 9, rht, 4)
+            with monkeypatch.context() as m:
+                m.setattr(kernel, "usable", lambda x: False)
+                slow = fmt.fake(t, dim, rounding, 9, rht, 4)
+            assert same_bits(fast, slow), (tuple(t.shape), dim, rounding, rht)
+
+
+_DIGESTS = """
+import hashlib, itertools, sys, torch
+sys.path.insert(0, {tests!r})
+from test_formats import VARIANTS, long_lines
+from fqtrun.quant.transforms import RandomHadamard
+h = hashlib.sha256()
+for fmt, rounding, rht in itertools.product(VARIANTS, ["nearest", "stochastic"], [None, RandomHadamard(16)]):
+    x = long_lines(1, 3e38 if rht is None else 1e36)
+    for t, dim in [(x, -1), (x.t().contiguous(), 0)]:
+        h.update(fmt.fake(t, dim, rounding, 3, rht, 5).numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_portable_build_gives_the_native_bits():
+    """The kernel built for x86-64-v3 (8 lanes, FQTRUN_PORTABLE=1) and for this CPU (16 lanes with AVX-512)
+    give the same values: each in its own process, a digest of every variant's output."""
+    if not kernel.usable(torch.zeros(1)):
+        pytest.skip("no C compiler: the torch path runs alone")
+    code = _DIGESTS.format(tests=os.path.dirname(__file__))
+    digests = []
+    for portable in ("0", "1"):
+        env = {k: v for k, v in os.environ.items() if k != "FQTRUN_PORTABLE"}
+        if portable == "1":
+            env["FQTRUN_PORTABLE"] = "1"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        digests.append(out.stdout.split()[-1])
+    assert digests[0] == digests[1]
 
 
 @pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2", "fp8_e4m3_row", "fp8_e5m2_row", "fp8_e4m3_b128"])

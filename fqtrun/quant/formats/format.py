@@ -130,9 +130,10 @@ class Format:
 
     def _kernel_fake(self, xf: Tensor, d: int, rounding: str, seed: int, transform: RandomHadamard | None,
                      key: int) -> Tensor:
-        """fake() through the C kernel (the torch path's values): one pass, or two where the scales need
-        the whole transformed tensor first (its amax, or tiles across dim): then the transform runs as
-        its own pass and the quantization overwrites its output."""
+        """fake() through the C kernel (the torch path's values) in one pass that transforms and quantizes;
+        a tensor scale (tensor-scaled, NVFP4) first needs the amax of the (transformed) tensor: one more
+        read, nothing written. Only 2-D tiles across a transformed dim other than 0 transform as a pass of
+        their own first (their tiles span rows the line pass does not hold together)."""
         shape = tuple(xf.shape)
         a, length, b = math.prod(shape[:d]), shape[d], math.prod(shape[d + 1:])
         out_len = length if transform is None else transform.padded(length)
@@ -140,22 +141,23 @@ class Format:
         src, rht, g, into = xf.view(a, length, b), None, 0, None
         tamax, fixed = 0.0, self.scaling == "tensor"
         if transform is not None:
-            rht = (transform.block, transform.rsqrt, transform.sign_vector(out_len, key, xf.device))
-            if fixed or self.scale == "e4m3" or (self.two_d and (d != 0 or len(shape) < 2)):
+            rht = (transform.block, transform.rsqrt, key)  # the kernel draws sign_vector's signs from the key
+            if self.two_d and (d != 0 or len(shape) < 2):
                 src, bad, tamax = kernel.run(src, out_len, out_len, b, transform.block, transform.block, 1, rht,
                                              self.element, "none", 0, 0.0, False, 1.0, "nearest", (0, 0))
                 _raise_if(bad)
                 rht, length, into = None, out_len, src
             else:
                 g = transform.block
-        elif fixed or self.scale == "e4m3":
-            tamax, bad = kernel.amax(xf)
-            _raise_if(bad)
+        if (fixed or self.scale == "e4m3") and into is None:
+            tamax = -1.0  # the kernel finds the tensor amax first, in the same call
         lay = layout(out_shape, d, self.scaling, self.block, self.two_d)
         kind = self.rule if self.scale == "e8m0" else self.scale
         common = (self.element, kind, self.element.emax, tamax, fixed, self.prescale(rounding), rounding,
                   seed_keys(seed))
-        if fixed:
+        if fixed and g:  # one scale; lines along dim to transform (noise index: the flat one)
+            x3, args = src, (out_len, out_len, b, g, g, 1)
+        elif fixed:
             n = src.numel()
             x3, args = src.view(1, n, 1), (n, n, 1, 256, 256, 1)
         elif self.two_d:

@@ -1073,3 +1073,31 @@ int epilogue(int32_t *acc, int64_t m, int64_t n, const epilogue_args *e, int nth
     }
     return 0;
 }
+
+/* grid.covering_grid_from_range on n ranges (lo[i], hi[i]), the same float32 operations in the same order
+   (the torch form's clamps, maximum and minimum, which keep NaN, and its where-selects): the integer zero point
+   and step of the finest grid holding [min(lo, 0), max(hi, 0)]. Returns 1 when a range is NaN or inf, 2
+   when the outermost levels the data can round to are not finite (nothing is then used). */
+int covering_grid(const float *lo, const float *hi, int64_t n, float big, float *scale, float *zero) {
+    const float tiny = FLT_MIN;
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(lo[i]) || !isfinite(hi[i])) return 1;
+    for (int64_t i = 0; i < n; i++) {
+        float l = lo[i] < 0.0f ? lo[i] : 0.0f, h = hi[i] > 0.0f ? hi[i] : 0.0f;
+        int both = (l < 0.0f) & (h > 0.0f);
+        float span = both ? h * 0.5f - l * 0.5f : 1.0f;
+        float z1 = floorf((-l * 0.5f) / span * big);  /* NaN where a subnormal span rounds to 0, as in torch */
+        z1 = (z1 > 1.0f || z1 != z1) ? z1 : 1.0f;
+        z1 = (z1 < big - 1.0f || z1 != z1) ? z1 : big - 1.0f;
+        float z2 = z1 + 1.0f;
+        z2 = (z2 < big - 1.0f || z2 != z2) ? z2 : big - 1.0f;
+        float a1 = -l / z1, b1 = h / (big - z1), a2 = -l / z2, b2 = h / (big - z2);
+        float s1 = (a1 > b1 || a1 != a1) ? a1 : b1, s2 = (a2 > b2 || a2 != a2) ? a2 : b2;  /* torch.maximum */
+        float s = both ? ((s1 < s2 || s1 != s1) ? s1 : s2) : ((-l > h ? -l : h) / big);
+        zero[i] = both ? (s2 < s1 ? z2 : z1) : (l < 0.0f ? big : 0.0f);
+        s = s > 0.0f ? (s > tiny ? s : tiny) : 1.0f;
+        scale[i] = s;
+        if (!isfinite(floorf(l / s) * s) || !isfinite(ceilf(h / s) * s)) return 2;
+    }
+    return 0;
+}

@@ -54,6 +54,7 @@ _SIGNATURES = {
     "bhq_sr": [_p, _i64, _i64, _i64, _p, _p, _p, _p, _p, _p, ctypes.POINTER(SRTarget), _p, _p, ctypes.c_int],
     "nearest_pass": [_p, _i64, _i64, ctypes.c_int, _p, _p, _f32, _p, _p, _p, ctypes.c_int],
     "epilogue": [_p, _i64, _i64, ctypes.POINTER(EpilogueArgs), ctypes.c_int],
+    "covering_grid": [_p, _p, _i64, _f32, _p, _p],
 }
 
 

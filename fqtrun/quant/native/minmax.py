@@ -1,11 +1,11 @@
 """The forward min-max quantizer (MinMaxQuantizer, the w and a slots) in two passes over x.
 
 Eager torch runs about ten passes for it (amin, amax, divide, round, add, clamp, subtract, multiply, and
-the straight-through x + (x_hat - x)), each a launch that a small layer's step notices. Here: one pass
-for the ranges (per tensor or per row), the grid from them with grid.minmax_grid_from_range (the same torch
-ops on a few numbers), and one pass that writes x_hat, or x + (x_hat - x) for the straight-through value,
-with the same float operations in the same order (built with -ffp-contract=off), so the values equal the
-torch form's bit for bit (tests/quant/test_native.py). None where it cannot run (no compiler, not a plain
+the straight-through x + (x_hat - x)), and about ten more launches for the grid, each a cost a small
+layer's step notices. Here one C call: a pass for the ranges (per tensor or per row), the grid of
+grid.minmax_grid_from_range, and a pass that writes x_hat, or x + (x_hat - x) for the straight-through
+value, all with the same float operations in the same order (built with -ffp-contract=off), so the values
+equal the torch form's bit for bit (tests/quant/test_native.py). None where it cannot run (no compiler, not a plain
 contiguous CPU float32 tensor): the caller runs torch.
 """
 
@@ -16,8 +16,9 @@ import functools
 
 import torch
 
-from fqtrun.quant.grid import levels, minmax_grid_from_range
+from fqtrun.quant.grid import levels
 from fqtrun.quant.native import library
+from fqtrun.quant.numerics import NonFiniteError
 
 Tensor = torch.Tensor
 
@@ -53,20 +54,38 @@ static void row_range(const float *x, int64_t m, float *plo, float *phi) {
     *phi = nan ? NAN : h;
 }
 
-/* lo, hi of each of the n rows of x (n x d) */
-int minmax_ranges(const float *x, int64_t n, int64_t d, float *lo, float *hi, int nthreads) {
-    #pragma omp parallel for num_threads(nthreads) schedule(static) if (n * d > 65536)
-    for (int64_t r = 0; r < n; r++) row_range(x + r * d, d, lo + r, hi + r);
-    return 0;
+/* minmax_grid_from_range on one range, the same float32 operations (the clamps keep NaN, as torch's):
+   scale = span > 0 ? span / big : 1, zero = clamp(round(-lo / scale), 0, big) */
+static void grid_of(float lo, float hi, float big, float *scale, float *zero) {
+    lo = lo < 0.0f ? lo : 0.0f;
+    hi = hi > 0.0f ? hi : 0.0f;
+    float span = hi - lo, s = span > 0.0f ? span / big : 1.0f;
+    float z = nearbyintf(-lo / s);
+    z = (z > 0.0f || z != z) ? z : 0.0f;
+    *scale = s;
+    *zero = (z < big || z != z) ? z : big;
 }
 
-/* x_hat = (clamp(round(x / s) + z, 0, big) - z) * s with the grid (s, z) of the row (per_row) or the tensor;
-   out = ste ? x + (x_hat - x) : x_hat (out may be x) */
-int minmax_fake(const float *x, float *out, int64_t n, int64_t d, const float *scale, const float *zero,
-                int per_row, float big, int ste, int nthreads) {
+/* out = x_hat = (clamp(round(x / s) + z, 0, big) - z) * s on the min-max grid of each row (per_row) or of
+   the tensor, or x + (x_hat - x) with ste; x is n rows of d. lo, hi: n floats of scratch (the ranges, then
+   the scales and zero points). Returns 1 (nothing written) when a range is NaN or inf. */
+int minmax_quant(const float *x, float *out, int64_t n, int64_t d, int per_row, float big, int ste, float *lo,
+                 float *hi, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (n * d > 65536)
+    for (int64_t r = 0; r < n; r++) row_range(x + r * d, d, lo + r, hi + r);
+    int64_t grids = per_row ? n : 1;
+    if (!per_row)
+        for (int64_t r = 1; r < n; r++) {  /* amin / amax of the rows' ranges (a NaN stays NaN) */
+            lo[0] = (lo[r] < lo[0] || lo[r] != lo[r]) ? lo[r] : lo[0];
+            hi[0] = (hi[r] > hi[0] || hi[r] != hi[r]) ? hi[r] : hi[0];
+        }
+    for (int64_t r = 0; r < grids; r++) {
+        if (!isfinite(lo[r]) || !isfinite(hi[r])) return 1;
+        grid_of(lo[r], hi[r], big, lo + r, hi + r);
+    }
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (n * d > 65536)
     for (int64_t r = 0; r < n; r++) {
-        const float s = scale[per_row ? r : 0], z = zero[per_row ? r : 0];
+        const float s = lo[per_row ? r : 0], z = hi[per_row ? r : 0];
         const float *xr = x + r * d;
         float *o = out + r * d;
         for (int64_t c = 0; c < d; c++) {
@@ -88,15 +107,14 @@ _p, _i64 = ctypes.c_void_p, ctypes.c_int64
 def _load() -> ctypes.CDLL | None:
     so = library.build("minmax", _SOURCE)
     if so is not None:
-        so.minmax_ranges.argtypes = [_p, _i64, _i64, _p, _p, ctypes.c_int]
-        so.minmax_fake.argtypes = [_p, _p, _i64, _i64, _p, _p, ctypes.c_int, ctypes.c_float, ctypes.c_int,
-                                   ctypes.c_int]
+        so.minmax_quant.argtypes = [_p, _p, _i64, _i64, ctypes.c_int, ctypes.c_float, ctypes.c_int, _p, _p,
+                                    ctypes.c_int]
     return so
 
 
 def fake(x: Tensor, bits: int, per_row: bool, straight_through: bool, what: str = "input") -> Tensor | None:
     """MinMaxQuantizer's x_hat of x (per_row: one grid per index of dim 0), or x + (x_hat - x) with
-    straight_through; no autograd. None where the kernels cannot run. NonFiniteError naming `what` when x
+    straight_through; no autograd. None where the kernel cannot run. NonFiniteError naming `what` when x
     holds NaN or inf (the range check of grid.minmax_grid)."""
     so = _load()
     if so is None or x.dtype != torch.float32 or x.dim() == 0 or x.numel() == 0 or not library.plain(x.detach()):
@@ -104,14 +122,11 @@ def fake(x: Tensor, bits: int, per_row: bool, straight_through: bool, what: str 
     xd = x.detach()
     per_row = per_row and xd.dim() > 1  # as minmax_grid: a 1-D tensor has one range (amin over dims ())
     rows = xd.shape[0] if per_row or xd.dim() > 1 else 1  # the passes run over rows (threads split them)
-    d = xd.numel() // rows
-    lo, hi = torch.empty(rows, 1), torch.empty(rows, 1)
-    so.minmax_ranges(xd.data_ptr(), rows, d, lo.data_ptr(), hi.data_ptr(), library.threads())
-    if not per_row:
-        lo, hi = lo.amin().view(1, 1), hi.amax().view(1, 1)
-    scale, zero = minmax_grid_from_range(lo, hi, bits, what)
-    scale, zero = scale.contiguous(), zero.contiguous()
+    scratch = torch.empty(2, rows)
     out = torch.empty_like(xd)
-    so.minmax_fake(xd.data_ptr(), out.data_ptr(), rows, d, scale.data_ptr(), zero.data_ptr(), int(per_row),
-                   float(levels(bits)), int(straight_through), library.threads())
+    bad = so.minmax_quant(xd.data_ptr(), out.data_ptr(), rows, xd.numel() // rows, int(per_row),
+                          float(levels(bits)), int(straight_through), scratch[0].data_ptr(), scratch[1].data_ptr(),
+                          library.threads())
+    if bad:
+        raise NonFiniteError(what)
     return out
