@@ -103,8 +103,9 @@ class _StraightThrough(torch.autograd.Function):
 
 
 def _minmax_op(x: Tensor, bits: int, granularity: str) -> Tensor:
-    """fqtrun::minmax_fake's implementation (quant/ops.py): MinMaxQuantizer.fake run eager."""
-    return MinMaxQuantizer(bits, granularity).codes(x).dequantize().to(x.dtype)
+    """fqtrun::minmax_fake's implementation (quant/ops.py): MinMaxQuantizer.fake run eager (its C call where
+    it runs)."""
+    return MinMaxQuantizer(bits, granularity).fake(x).to(x.dtype)
 
 
 ops.implement(ops.minmax_fake, _minmax_op)
