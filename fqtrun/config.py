@@ -193,6 +193,9 @@ def validate_train(cfg, overrides: Sequence[str] = ()) -> None:
         (cfg.trainer.max_steps is None or cfg.trainer.max_steps >= 1,
          f"trainer.max_steps={cfg.trainer.max_steps} must be >= 1 (or null: epochs decide)"),
         (cfg.trainer.eval_every >= 0, f"trainer.eval_every={cfg.trainer.eval_every} must be >= 0"),
+        (not (cfg.trainer.compile and cfg.numerics.portable),
+         "trainer.compile=true with numerics.portable=true: compiled kernels reorder float operations, so the "
+         "run would not be portable (and inductor builds no vector code under the portable pins): drop one"),
     ]
     for ok, msg in checks:
         if not ok:

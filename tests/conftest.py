@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,18 @@ torch.set_num_threads(1)
 
 CONF = str(Path(__file__).resolve().parents[1] / "fqtrun" / "conf")
 register_configs()
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Every test leaves os.environ as it found it: an in-process `fqtrun reproduce` pins the portable
+    numerics environment for its process (numerics_mode), which would change what later tests build (the
+    C kernels' target, torch.compile's vector code)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

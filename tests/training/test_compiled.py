@@ -114,3 +114,12 @@ def test_export_sees_the_quantizers_as_ops():
         targets = {str(n.target) for n in exported.graph.nodes}
         assert "fqtrun.format_fake.default" in targets
         assert torch.equal(exported.module()(x), model(x))
+
+
+def test_compile_with_portable_numerics_is_refused_in_one_line(compose_train):
+    from fqtrun.config import validate_train
+    from fqtrun.errors import ConfigError
+
+    cfg = compose_train("trainer.compile=true", "numerics.portable=true")
+    with pytest.raises(ConfigError, match=r"^trainer.compile=true with numerics.portable=true: .*drop one$"):
+        validate_train(cfg)
