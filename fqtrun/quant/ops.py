@@ -113,5 +113,3 @@ format_fake = _define(
 rht = _define("rht", "(Tensor x, int dim, int block, str signs, Tensor key, bool inverse) -> Tensor",
               lambda x, dim, block, signs, key, inverse: _padded_like(x, dim, 0 if inverse else block),
               straight_through=False)
-
-OPS = {"mix_seed": mix_seed, "minmax_fake": minmax_fake, "sr_fake": sr_fake, "format_fake": format_fake, "rht": rht}

@@ -9,7 +9,6 @@ import scipy.stats
 import torch
 
 from fqtrun.quant import grid
-from fqtrun.quant.numerics import NonFiniteError
 from fqtrun.quant.grid import (
     covering_grid,
     covering_grid_from_range,
@@ -24,6 +23,7 @@ from fqtrun.quant.grid import (
     stochastic_round,
     uniform_noise,
 )
+from fqtrun.quant.numerics import NonFiniteError
 
 M32 = 0xFFFFFFFF
 

@@ -95,7 +95,8 @@ def test_compiled_run_tracks_the_eager_run(recipe):
 
 def test_compiled_train_run_names_the_layer_of_a_non_finite_weight(compose_train, tmp_path):
     """The compiled step meets inf in a weight; the trainer re-runs the step eager for the layer's name."""
-    from test_nonfinite_run import AT, RUN, poison_specs  # its poisoning hook (pytest puts this folder on sys.path)
+    # the poisoning hook of test_nonfinite_run.py (pytest puts this folder on sys.path)
+    from test_nonfinite_run import AT, RUN, poison_specs
 
     cfg = compose_train(*RUN, "model=mlp", "trainer.compile=true")
     with pytest.raises(TrainingError) as err:
