@@ -262,11 +262,7 @@ static inline vi fold_lanes(vi *m) {
 /* noise_at of lanes idx (noise.h), the same 32-bit arithmetic */
 static inline vf vnoise(vu i, uint32_t k1, uint32_t k2) {
     vu h = i ^ k1;
-    h ^= h >> 16;
-    h *= 0x7FEB352DU;
-    h ^= h >> 15;
-    h *= 0x846CA68BU;
-    h ^= h >> 16;
+    FQTRUN_LOWBIAS32(h);
     h ^= k2;
     return __builtin_convertvector((vi)(h >> 8), vf) * 0x1p-24f;
 }
