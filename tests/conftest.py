@@ -50,3 +50,17 @@ def compose_train(data_cache):
 
 # A tiny, fast training run: 2 epochs of 4000/200 = 20 steps each on MNIST-1D.
 TINY = ["epochs=2", "batch_size=200", "logger.log_every=5", "optim.lr=0.01"]
+
+
+def assert_causal(model: torch.nn.Module, vocab: int = 11, length: int = 12) -> None:
+    """A language model's logits at positions <= t do not change when token t + 1 does, and those at t + 1 do."""
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, vocab, (3, length), generator=g)
+    base = model(idx)
+    assert base.shape == (3, length, vocab)
+    for t in range(length - 1):
+        changed = idx.clone()
+        changed[:, t + 1] = (changed[:, t + 1] + 1 + torch.randint(0, vocab - 1, (3,), generator=g)) % vocab
+        out = model(changed)
+        assert torch.equal(out[:, :t + 1], base[:, :t + 1]), t  # positions <= t do not see token t + 1
+        assert not torch.allclose(out[:, t + 1], base[:, t + 1])  # position t + 1 does

@@ -53,17 +53,10 @@ class GPT(nn.Module):
                                       for _ in range(n_layer)))
         self.ln = nn.LayerNorm(n_embd, bias=bias)
         self.head = nn.Linear(n_embd, int(num_classes), bias=False)
-        self.apply(_init)
-        for block in self.blocks:  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
-            for proj in (block.attn.out, block.fc2):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * n_layer))
-        if tie_weights:
-            self.head.weight = self.tok.weight
+        init_gpt2(self, [p for block in self.blocks for p in (block.attn.out, block.fc2)], n_layer, tie_weights)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        t = idx.shape[1]
-        if t > self.block_size:
-            raise ValueError(f"a sequence of {t} tokens exceeds model.block_size={self.block_size}")
+        t = check_length(idx, self.block_size)
         h = self.drop(self.tok(idx) + self.pos(torch.arange(t, device=idx.device)))  # (B, T, n_embd)
         return self.head(self.ln(self.blocks(h)))  # (B, T, vocab)
 
@@ -80,6 +73,24 @@ class GPT(nn.Module):
             nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
+
+
+def init_gpt2(model: nn.Module, residual: list[nn.Linear], n_layer: int, tie_weights: bool) -> None:
+    """GPT-2's initialisation (also the Llama model's): N(0, 0.02) weights and zero biases, the residual
+    projections at 0.02 / sqrt(2 n_layer), then the head tied to the token embedding `tok` if asked."""
+    model.apply(_init)
+    for proj in residual:
+        nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * n_layer))
+    if tie_weights:
+        model.head.weight = model.tok.weight
+
+
+def check_length(idx: torch.Tensor, block_size: int) -> int:
+    """The length T of idx (B, T); ValueError when it exceeds the model's block_size."""
+    t = idx.shape[1]
+    if t > block_size:
+        raise ValueError(f"a sequence of {t} tokens exceeds model.block_size={block_size}")
+    return t
 
 
 def _init(m: nn.Module) -> None:

@@ -12,7 +12,6 @@ LlamaForCausalLM, so its weights and ours copy across unchanged (tests/models/te
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 
 from fqtrun.errors import ConfigError
 from fqtrun.models import shape_of
-from fqtrun.models.gpt import GPT
+from fqtrun.models.gpt import GPT, check_length, init_gpt2
 
 
 def swiglu_hidden(dim: int, multiple_of: int) -> int:
@@ -135,17 +134,10 @@ class Llama(nn.Module):
         cos, sin = rope_tables(dim // n_head, block_size, rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # derived from the settings: not checkpointed
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(_init)
-        for block in self.blocks:  # GPT-2's scaling of the residual projections by 1/sqrt(2 n_layer)
-            for proj in (block.attn.o, block.mlp.down):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * n_layer))
-        if tie_weights:
-            self.head.weight = self.tok.weight
+        init_gpt2(self, [p for block in self.blocks for p in (block.attn.o, block.mlp.down)], n_layer, tie_weights)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        t = idx.shape[1]
-        if t > self.block_size:
-            raise ValueError(f"a sequence of {t} tokens exceeds model.block_size={self.block_size}")
+        t = check_length(idx, self.block_size)
         cos, sin = self.rope_cos[:t], self.rope_sin[:t]  # (T, hs/2)
         h = self.tok(idx)  # (B, T, dim)
         for block in self.blocks:
@@ -179,9 +171,3 @@ def _check(window: int, n_layer: int, n_head: int, n_kv_head: int, dim: int, ffn
     if window > block_size:
         raise ConfigError(f"the dataset's windows of {window} tokens exceed model.block_size={block_size}: "
                           "raise model.block_size or lower dataset.block_size")
-
-
-def _init(m: nn.Module) -> None:
-    """N(0, 0.02) weights (GPT-2, nanoGPT); RMSNorm weights stay 1."""
-    if isinstance(m, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(m.weight, std=0.02)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fqtrun.quant.numerics import NonFiniteError
+from fqtrun.quant.numerics import check_range
 
 Tensor = torch.Tensor
 
@@ -35,9 +35,7 @@ def _np(t: Tensor) -> np.ndarray:
 
 
 def _check(*arrays: np.ndarray, what: str, intermediate: bool = False) -> None:
-    for a in arrays:
-        if not np.isfinite(a).all():
-            raise NonFiniteError(what, intermediate=intermediate)
+    check_range(*map(torch.from_numpy, arrays), what=what, intermediate=intermediate)
 
 
 def _clamp_min(a: np.ndarray, m: float) -> np.ndarray:

@@ -1101,3 +1101,49 @@ int covering_grid(const float *lo, const float *hi, int64_t n, float big, float 
     }
     return 0;
 }
+
+/* The forward min-max quantizer (quant/native/minmax.py) */
+/* minmax_grid_from_range on one range, the same float32 operations (the clamps keep NaN, as torch's):
+   scale = span > 0 ? span / big : 1, zero = clamp(round(-lo / scale), 0, big) */
+static void grid_of(float lo, float hi, float big, float *scale, float *zero) {
+    lo = lo < 0.0f ? lo : 0.0f;
+    hi = hi > 0.0f ? hi : 0.0f;
+    float span = hi - lo, s = span > 0.0f ? span / big : 1.0f;
+    float z = nearbyintf(-lo / s);
+    z = (z > 0.0f || z != z) ? z : 0.0f;
+    *scale = s;
+    *zero = (z < big || z != z) ? z : big;
+}
+
+/* out = x_hat = (clamp(round(x / s) + z, 0, big) - z) * s on the min-max grid of each row (per_row) or of
+   the tensor, or x + (x_hat - x) with ste; x is n rows of d. lo, hi: n floats of scratch (the ranges, then
+   the scales and zero points). Returns 1 (nothing written) when a range is NaN or inf. */
+int minmax_quant(const float *x, float *out, int64_t n, int64_t d, int per_row, float big, int ste, float *lo,
+                 float *hi, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (n * d > 65536)
+    for (int64_t r = 0; r < n; r++) row_range(x + r * d, d, lo + r, hi + r);
+    int64_t grids = per_row ? n : 1;
+    if (!per_row)
+        for (int64_t r = 1; r < n; r++) {  /* amin / amax of the rows' ranges (a NaN stays NaN) */
+            lo[0] = (lo[r] < lo[0] || lo[r] != lo[r]) ? lo[r] : lo[0];
+            hi[0] = (hi[r] > hi[0] || hi[r] != hi[r]) ? hi[r] : hi[0];
+        }
+    for (int64_t r = 0; r < grids; r++) {
+        if (!isfinite(lo[r]) || !isfinite(hi[r])) return 1;
+        grid_of(lo[r], hi[r], big, lo + r, hi + r);
+    }
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (n * d > 65536)
+    for (int64_t r = 0; r < n; r++) {
+        const float s = lo[per_row ? r : 0], z = hi[per_row ? r : 0];
+        const float *xr = x + r * d;
+        float *o = out + r * d;
+        for (int64_t c = 0; c < d; c++) {
+            float u = nearbyintf(xr[c] / s) + z;
+            u = u < 0.0f ? 0.0f : u;
+            u = u > big ? big : u;
+            float xh = (u - z) * s;
+            o[c] = ste ? xr[c] + (xh - xr[c]) : xh;
+        }
+    }
+    return 0;
+}

@@ -55,6 +55,7 @@ _SIGNATURES = {
     "nearest_pass": [_p, _i64, _i64, ctypes.c_int, _p, _p, _f32, _p, _p, _p, ctypes.c_int],
     "epilogue": [_p, _i64, _i64, ctypes.POINTER(EpilogueArgs), ctypes.c_int],
     "covering_grid": [_p, _p, _i64, _f32, _p, _p],
+    "minmax_quant": [_p, _p, _i64, _i64, ctypes.c_int, _f32, ctypes.c_int, _p, _p, ctypes.c_int],
 }
 
 
