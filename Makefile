@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_INSTALL := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: help install run test test-slow lint bench clean compare-qat reproduce-fqt reproduce-cpt reproduce-sparsity reproduce-ridge reproduce-lm reproduce-lm-techniques reproduce-lm-formats reproduce-numerics docs-tables
+.PHONY: help install run test test-slow lint bench clean compare-qat reproduce-fqt reproduce-cpt reproduce-sparsity reproduce-ridge reproduce-lm reproduce-lm-techniques reproduce-lm-formats reproduce-lm-llama reproduce-numerics docs-tables
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -56,16 +56,19 @@ reproduce-sparsity: install  ## dense vs 2:4, 2:4-T, 4:8-T, 2:4-T + BHQ 5-bit (o
 reproduce-ridge: install  ## STE vs ridge dequantization; integer BN report (ResNet-20 / digits)
 	$(BIN)/fqtrun reproduce ridge jobs=2
 
-reproduce-lm: install  ## language model: fp32 GPT on the embedded corpus, 3 seeds (report table, a sample)
-	$(BIN)/fqtrun train -m model=gpt dataset=text seed=0,1,2 threads=1 logger.wandb.mode=disabled \
+reproduce-lm-llama: install  ## the language-model tables: Llama-style model on BPE tokens, every technique and format recipe, verdicts
+	$(BIN)/fqtrun reproduce lm_llama jobs=2
+
+reproduce-lm: install  ## earlier measurement: fp32 character-level GPT on the embedded corpus, 3 seeds (report table, a sample)
+	$(BIN)/fqtrun train -m model=gpt dataset=text dataset.tokenizer=char seed=0,1,2 threads=1 logger.wandb.mode=disabled \
 		logger.progress=none skip_done=true hydra.sweep.dir=results/lm/fp32
 	$(BIN)/fqtrun report results/lm/fp32
 	$(BIN)/fqtrun sample checkpoint=results/lm/fp32/0 'prompt="The "' tokens=300 threads=1
 
-reproduce-lm-techniques: install  ## every technique on the GPT (QAT, FQT, CPT, N:M, ridge), 3 seeds: loss, gap to fp32
+reproduce-lm-techniques: install  ## earlier measurement: every technique on the character-level GPT (QAT, FQT, CPT, N:M, ridge), 3 seeds: loss, gap to fp32
 	$(BIN)/fqtrun reproduce lm jobs=2
 
-reproduce-lm-formats: install  ## number-format recipes on the GPT, 3 seeds, and the 4-bit variance study
+reproduce-lm-formats: install  ## earlier measurement: number-format recipes on the character-level GPT, 3 seeds, and the 4-bit variance study
 	$(BIN)/fqtrun reproduce lm_formats jobs=2
 
 reproduce-numerics: install  ## numerics health of a 4-bit PSQ run, portable: table and plot (results/numerics/tables.md)

@@ -69,8 +69,8 @@ def build_model(model_cfg: DictConfig, bundle) -> nn.Module:
     task = getattr(model, "task", "classification")
     if task != bundle.task:
         raise ConfigError(f"the model ({type(model).__name__}) is built for {task.replace('_', ' ')} but "
-                          f"dataset={bundle.name} is for {bundle.task.replace('_', ' ')}: pair model=gpt with "
-                          "dataset=text (model=llama too), and the other models with the classification datasets")
+                          f"dataset={bundle.name} is for {bundle.task.replace('_', ' ')}: pair model=llama "
+                          "(or model=gpt) with dataset=text, and the other models with the classification datasets")
     return model
 
 

@@ -23,7 +23,7 @@ COMMANDS = {
     "prt": ("fqtrun.commands.prt", "precision range test: find q_min for a cyclic precision schedule"),
     "mask": ("fqtrun.commands.mask", "N:M / transposable mask quality, diversity, and dense -> N:M conversion"),
     "intbn": ("fqtrun.commands.intbn", "integer-exact fixed-point BatchNorm of a trained quantized model"),
-    "sample": ("fqtrun.commands.sample", "text from a trained language model (model=gpt dataset=text)"),
+    "sample": ("fqtrun.commands.sample", "text from a trained language model (model=llama or model=gpt, dataset=text)"),
     "prepare": ("fqtrun.commands.prepare", "token files (nanoGPT's train.bin / val.bin) from text, for dataset=tokens"),
     "report": ("fqtrun.commands.report", "tables and plots over run and sweep folders (and experiment folders)"),
     "reproduce": ("fqtrun.commands.reproduce", "one documented experiment end to end: its runs, steps and tables"),

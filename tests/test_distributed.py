@@ -121,7 +121,7 @@ def test_torchrun_two_ranks_match_one_process_on_the_language_model(tmp_path):
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 60)
-    lm = ["model=gpt", "dataset=text", f"dataset.root={corpus}", "model.n_layer=1", "model.n_head=2",
+    lm = ["model=gpt", "dataset=text", "dataset.tokenizer=char", f"dataset.root={corpus}", "model.n_layer=1", "model.n_head=2",
           "model.n_embd=16", "model.block_size=16", "batch_size=8", "trainer.max_steps=12", "trainer.eval_every=6",
           "optim=sgd", "optim.lr=0.5", "logger.log_every=1", "threads=1", "logger.wandb.mode=disabled",
           "logger.progress=none"]

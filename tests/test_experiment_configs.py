@@ -18,7 +18,7 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
 
 
 def test_the_readme_experiments_are_there():
-    assert EXPERIMENTS == ["cpt", "fqt", "lm", "lm_formats", "qat", "ridge", "sparsity"]
+    assert EXPERIMENTS == ["cpt", "fqt", "lm", "lm_formats", "lm_llama", "qat", "ridge", "sparsity"]
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -49,7 +49,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def settings(corpus: Path, *extra: str) -> list[str]:
-    return [*GPT, "dataset=text", f"dataset.root={corpus}", *LOOP, *extra]
+    return [*GPT, "dataset=text", "dataset.tokenizer=char", f"dataset.root={corpus}", *LOOP, *extra]
 
 
 def torchrun(strategy: str, *args: str, cwd: Path, wait: bool = True):
@@ -194,7 +194,7 @@ def test_fsdp_matches_one_process_on_other_models(case, corpus, data_cache, tmp_
     masks. cnn1d: no blocks, so the root is the only unit; batch 333 splits 167/166 (uneven slices)."""
     args = {
         "llama": ["model=llama", "model.n_layer=2", "model.n_head=2", "model.n_kv_head=1", "model.dim=16",
-                  "model.block_size=32", "model.tie_weights=true", "dataset=text", f"dataset.root={corpus}",
+                  "model.block_size=32", "model.tie_weights=true", "dataset=text", "dataset.tokenizer=char", f"dataset.root={corpus}",
                   "batch_size=8", "+quant=mxfp8", "+sparsity=transposable", "sparsity.every=3"],
         "cnn1d": ["model=cnn1d", f"dataset.cache_dir={data_cache}", "batch_size=333", "+sparsity=nm",
                   "sparsity.every=3"],

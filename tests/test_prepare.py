@@ -130,7 +130,7 @@ def test_prepare_then_train_sample_and_resume_from_the_command_line(tmp_path, co
     data, run = tmp_path / "data", tmp_path / "run"
     fqtrun(monkeypatch, "prepare", f"input={corpus}", f"out={data}", "tokenizer=bpe", "vocab_size=300",
            "val_fraction=0.2")
-    assert "train with: fqtrun train model=gpt dataset=tokens" in capsys.readouterr().out
+    assert "train with: fqtrun train model=llama dataset=tokens" in capsys.readouterr().out
     train = ["train", "model=gpt", "dataset=tokens", f"dataset.root={data}", "model.n_layer=1", "model.n_head=2",
              "model.n_embd=32", "model.block_size=16", "batch_size=8", "trainer.eval_every=3",
              "dataset.val_windows=8", "logger.wandb.mode=disabled", "logger.progress=none", f"hydra.run.dir={run}"]

@@ -130,11 +130,11 @@ def test_positional_name_and_unknown_names(capsys, monkeypatch):
     monkeypatch.setattr("sys.argv", ["fqtrun"])
     monkeypatch.delenv("FQTRUN_DEBUG", raising=False)
     for argv, message in ((["reproduce", "nosuch"], "error: experiment=nosuch is unknown: use one of cpt, fqt, lm, "
-                                                    "lm_formats, qat, ridge, sparsity"),
+                                                    "lm_formats, lm_llama, qat, ridge, sparsity"),
                           (["reproduce", "fqt", "cpt"], "error: fqtrun reproduce takes one experiment name, got fqt "
                                                         "cpt: run them one by one"),
                           (["reproduce", "jobs=2"], "error: fqtrun reproduce needs an experiment name: fqtrun "
-                                                    "reproduce <cpt|fqt|lm|lm_formats|qat|ridge|sparsity>")):
+                                                    "reproduce <cpt|fqt|lm|lm_formats|lm_llama|qat|ridge|sparsity>")):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [message]

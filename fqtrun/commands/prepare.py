@@ -1,7 +1,7 @@
 """fqtrun prepare: token files from text, in nanoGPT's format (fqtrun/runs/prepare.py), for dataset=tokens.
 
     fqtrun prepare input=data/shakespeare.txt out=data/shakespeare_bpe tokenizer=bpe vocab_size=2048
-    fqtrun train model=gpt dataset=tokens dataset.root=data/shakespeare_bpe
+    fqtrun train model=llama dataset=tokens dataset.root=data/shakespeare_bpe
 
 input is a UTF-8 text file or a folder of .txt files (null: the embedded corpus); tokenizer char | byte |
 bpe | the path of a tokenizer.json. Writes train.bin, val.bin, meta.json (and tokenizer.json) into out.
@@ -25,7 +25,7 @@ def prepare(cfg: DictConfig, out_dir: Path) -> dict:
     meta = run_prepare(cfg)
     print(f"wrote {meta['out']}: {meta['train_tokens']} training and {meta['val_tokens']} validation ids "
           f"({meta['dtype']}), {meta['tokenizer']} tokenizer of {meta['vocab_size']} ids; train with: fqtrun train "
-          f"model=gpt dataset=tokens dataset.root={meta['out']}")
+          f"model=llama dataset=tokens dataset.root={meta['out']}")
     return meta
 
 

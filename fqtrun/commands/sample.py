@@ -24,7 +24,7 @@ from fqtrun.runs.sample import run_sample
 
 @dataclass
 class SampleConfig:
-    checkpoint: str = MISSING  # a fqtrun train run folder (model=gpt dataset=text) or its last.pt
+    checkpoint: str = MISSING  # a fqtrun train run folder (model=llama or model=gpt) or its last.pt
     prompt: str = "\n"  # the text to continue (characters of the run's vocabulary)
     tokens: int = 200  # tokens to generate
     temperature: float = 0.8  # < 1 sharpens the next-token distribution, > 1 flattens it

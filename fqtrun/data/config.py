@@ -65,7 +65,7 @@ class TextConfig:
     root: Optional[str] = None  # a text file or a folder of .txt files; null: the embedded CPython docs
     # char (vocabulary from the training split) | byte (256 symbols) | bpe (byte-level BPE trained on the
     # training split, saved with the run) | the path of a tokenizer.json to use as it is
-    tokenizer: str = "char"
+    tokenizer: str = "bpe"
     block_size: Optional[int] = II("oc.select:model.block_size,null")  # window length: model.block_size
     val_fraction: float = 0.1  # the last 10% of the tokens is the validation split
     val_windows: int = 1000  # at most this many validation windows (evenly spaced over the split)

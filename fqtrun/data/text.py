@@ -168,7 +168,7 @@ def build(root: str | None = None, tokenizer: str = "char", block_size: int | No
     if tokenizer not in KINDS and not Path(tokenizer).expanduser().is_file():
         load_tokenizer_json(tokenizer, "dataset.tokenizer")  # the one-line error of a bad value
     if block_size is None:
-        raise ValueError("dataset=text needs a window length: use model=gpt (its model.block_size sets it), "
+        raise ValueError("dataset=text needs a window length: use model=llama or model=gpt (its model.block_size sets it), "
                          "or pass dataset.block_size")
     if block_size < 1:
         raise ValueError(f"the window of {block_size} tokens (model.block_size / dataset.block_size) must be >= 1")

@@ -19,7 +19,7 @@ from fqtrun.quant.convert import set_bits
 
 def _language_model(cfg: DictConfig, model: torch.nn.Module, name: str) -> None:
     if getattr(model, "task", "classification") != "language_model":
-        raise ConfigError(f"fqtrun sample needs a language-model run (model=gpt dataset=text); the checkpoint's "
+        raise ConfigError(f"fqtrun sample needs a language-model run (model=llama or model=gpt); the checkpoint's "
                           f"run trained model={name}")
 
 

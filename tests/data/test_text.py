@@ -12,6 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from fqtrun.config import register_configs
 from fqtrun.data import DatasetError, make_loader
@@ -118,7 +119,7 @@ def test_validation_characters_outside_the_training_vocabulary_are_dropped_and_c
                                                                  "smaller model.block_size"]),
     ("latin1.txt", {"root": "{tmp}/latin1.txt"}, ["latin1.txt is not UTF-8", "use dataset.tokenizer=byte"]),
     (None, {"tokenizer": "word"}, ["dataset.tokenizer=word is unknown", "bpe or the path of a tokenizer.json"]),
-    (None, {"block_size": None}, ["dataset=text needs a window length: use model=gpt"]),
+    (None, {"block_size": None}, ["dataset=text needs a window length: use model=llama or model=gpt"]),
 ])
 def test_bad_corpora_give_one_line_errors(tmp_path, setup, kwargs, needles):
     files = {"empty.txt": b"", "short.txt": b"x" * 60, "latin1.txt": "café".encode("latin-1") * 50}
@@ -149,3 +150,15 @@ def test_the_window_comes_from_model_block_size():
     assert cfg.dataset.block_size == 32 and cfg.trainer.max_steps is not None and cfg.trainer.eval_every > 0
     bundle = instantiate(cfg.dataset)
     assert bundle.input_shape == (32,) and bundle.task == "language_model"
+
+
+def test_the_default_tokenizer_is_bpe_and_the_character_gpt_experiments_name_theirs():
+    """dataset=text trains BPE unless told otherwise; the GPT's published tables were measured on characters, so
+    their experiments say so (reproducing them must not change tokenizer with the default)."""
+    register_configs(ConfigStore.instance())
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["model=llama", "dataset=text"])
+    assert cfg.dataset.tokenizer == "bpe" and cfg.dataset.vocab_size is None  # 1024 ids
+    for name in ("lm", "lm_formats"):
+        common = OmegaConf.load(CONF / "experiment" / f"{name}.yaml").common
+        assert "model=gpt" in common and "dataset.tokenizer=char" in common

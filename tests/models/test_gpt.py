@@ -85,7 +85,7 @@ def test_bad_settings_raise_one_line(kw, needle):
 
 def test_model_and_data_must_be_for_the_same_task(tmp_path):
     text = build_text(None, "char", block_size=8, val_windows=2)
-    with pytest.raises(ConfigError, match="pair model=gpt with dataset=text"):
+    with pytest.raises(ConfigError, match=r"pair model=llama \(or model=gpt\) with dataset=text"):
         build_model(OmegaConf.create({"_target_": "fqtrun.models.mlp.MLP"}), text)
     from fqtrun.data.synthetic import build as synthetic
 

@@ -204,7 +204,7 @@ def test_llama_pairs_with_text_only():
 
 # ----------------------------------------------------------------------------- through the trainer
 SENTENCE = "the quick brown fox jumps over the lazy dog. "
-TINY = ["model=llama", "dataset=text", "model.n_layer=2", "model.n_head=4", "model.n_kv_head=2", "model.dim=32",
+TINY = ["model=llama", "dataset=text", "dataset.tokenizer=char", "model.n_layer=2", "model.n_head=4", "model.n_kv_head=2", "model.dim=32",
         "model.block_size=16", "batch_size=16", "eval_batch_size=64", "trainer.max_steps=40", "trainer.eval_every=40",
         "logger.log_every=10", "dataset.val_windows=16", "optim.lr=1e-2", "optim.weight_decay=0"]
 

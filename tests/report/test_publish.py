@@ -116,7 +116,7 @@ def test_the_docs_pages_markers_are_well_formed():
     """Every docs page's marked tables, spliced back in, give the page unchanged: one pair per name, in order."""
     pages = sorted((Path(__file__).resolve().parents[2] / "docs").glob("*.md"))
     marked = {page.stem: marked_names(page.read_text(encoding="utf-8")) for page in pages}
-    assert {"fqt", "cpt", "sparsity", "ridge", "lm", "lm_formats", "qat"} <= {n for ns in marked.values() for n in ns}
+    assert {"fqt", "cpt", "sparsity", "ridge", "lm", "lm_formats", "lm_llama", "qat"} <= {n for ns in marked.values() for n in ns}
     for page in pages:
         text = page.read_text(encoding="utf-8")
         for name in marked[page.stem]:

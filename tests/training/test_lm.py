@@ -35,7 +35,7 @@ from fqtrun.training.trainer import Interrupted
 
 SENTENCE = "the quick brown fox jumps over the lazy dog. "
 # a tiny GPT on a short corpus: each step takes milliseconds
-TINY_LM = ["model=gpt", "dataset=text", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=16",
+TINY_LM = ["model=gpt", "dataset=text", "dataset.tokenizer=char", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=16",
            "batch_size=8", "eval_batch_size=64", "trainer.max_steps=8", "trainer.eval_every=4", "logger.log_every=2",
            "dataset.val_windows=16"]
 
@@ -236,7 +236,7 @@ def test_a_checkpoint_of_another_vocabulary_or_window_is_refused(compose_lm, cor
     from fqtrun.runs.variance import run_study
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="variance", overrides=[*TINY_LM[:6], f"dataset.root={other}",
+        cfg = compose(config_name="variance", overrides=[*TINY_LM[:7], f"dataset.root={other}",
                                                          f"checkpoint={tmp_path / 'run'}"])
     msg = one_line_error(lambda: run_study(cfg, tmp_path / "v", "gpt"))
     assert "(its vocabulary)" in msg and "\n" not in msg
@@ -247,7 +247,7 @@ def test_variance_study_of_a_trained_lm(compose_lm, corpus, tmp_path):
 
     train(compose_lm("+quant=qat"), tmp_path / "run")
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="variance", overrides=[*TINY_LM[:6], f"dataset.root={corpus}",
+        cfg = compose(config_name="variance", overrides=[*TINY_LM[:7], f"dataset.root={corpus}",
                                                          f"checkpoint={tmp_path / 'run'}", "variance.bits=[4,8]",
                                                          "variance.k=2", "variance.batches=2",
                                                          "variance.batch_size=4", "variance.quantizers=[per_sample]"])
@@ -296,9 +296,9 @@ def test_a_classifier_on_text_is_refused(corpus, tmp_path):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="train", overrides=["dataset=text", f"dataset.root={corpus}", "model=cnn1d",
                                                       "logger.wandb.mode=disabled"])
-    assert "dataset=text needs a window length: use model=gpt" in one_line_error(lambda: run_training(cfg, tmp_path))
+    assert "dataset=text needs a window length: use model=llama or model=gpt" in one_line_error(lambda: run_training(cfg, tmp_path))
     cfg.dataset.block_size = 8
-    assert "pair model=gpt with dataset=text" in one_line_error(lambda: run_training(cfg, tmp_path))
+    assert "pair model=llama (or model=gpt) with dataset=text" in one_line_error(lambda: run_training(cfg, tmp_path))
 
 
 def test_checkpoint_data_signature_is_stored(compose_lm, tmp_path):
